@@ -1,0 +1,266 @@
+"""LightningDataModules over decoded images held as one uint8 array (in memory or memory-mapped).
+
+Decoding happens once (and is cached on disk for real data sets); batches are gathered by index, and
+conversion to float, augmentation (training only) and normalization run per batch after transfer, so an
+epoch reads no image files and costs little more than a pass over tensors already in memory.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from bloodfl.data.splits import SPLITS, SplitSpec, assert_disjoint, assign_splits
+from bloodfl.data.table import SampleTable
+from bloodfl.errors import BloodflError
+
+log = logging.getLogger(__name__)
+
+NORMALIZATION = {
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "minmax": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),  # scale to [0, 1] only
+}
+
+
+class IndexedImages(Dataset):
+    """Rows ``index`` of an (N, H, W, 3) uint8 array; ``__getitems__`` gathers a whole batch at once."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, index: np.ndarray) -> None:
+        self.images = images
+        self.labels = torch.as_tensor(labels, dtype=torch.long)
+        self.index = np.asarray(index, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        j = self.index[i]
+        return torch.from_numpy(np.ascontiguousarray(self.images[j])), self.labels[j]
+
+    def __getitems__(self, items: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self.index[np.asarray(items)]
+        order = np.argsort(rows)  # sorted reads are sequential on a memory-mapped cache
+        batch = np.empty((len(rows), *self.images.shape[1:]), dtype=np.uint8)
+        batch[order] = self.images[rows[order]]
+        return torch.from_numpy(batch), self.labels[torch.from_numpy(rows)]
+
+
+def _as_batch(batch: Any) -> Any:
+    return batch  # IndexedImages.__getitems__ already returns a collated batch
+
+
+class ArrayDataModule(pl.LightningDataModule):
+    """Train/val/test loaders over index sets of one image array. Used as is by federated clients."""
+
+    def __init__(
+        self,
+        images: np.ndarray | None = None,
+        labels: np.ndarray | None = None,
+        train_idx: np.ndarray | None = None,
+        val_idx: np.ndarray | None = None,
+        test_idx: np.ndarray | None = None,
+        batch_size: int = 32,
+        augment: nn.Module | None = None,
+        normalize: str = "imagenet",
+        seed: int = 0,
+        num_workers: int = 0,
+        classes: list[str] | None = None,
+    ) -> None:
+        super().__init__()
+        if normalize not in NORMALIZATION:
+            raise BloodflError(f"unknown normalization {normalize!r}; valid: {', '.join(NORMALIZATION)}")
+        self.images, self.labels = images, labels
+        self.idx = {"train": train_idx, "val": val_idx, "test": test_idx}
+        self.batch_size = batch_size
+        self.augment = augment
+        mean, std = NORMALIZATION[normalize]
+        self.register_mean_std = (torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1))
+        self.num_workers = num_workers
+        self.classes = classes
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def reseed(self, seed: int) -> None:
+        """Restart the shuffling order from ``seed`` (federated rounds reseed for exact resume)."""
+        self.generator.manual_seed(seed)
+
+    @property
+    def num_classes(self) -> int:
+        assert self.classes is not None
+        return len(self.classes)
+
+    def class_counts(self, split: str = "train") -> np.ndarray:
+        assert self.labels is not None and self.idx[split] is not None
+        return np.bincount(self.labels[self.idx[split]], minlength=self.num_classes)
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        index = self.idx[split]
+        if index is None or len(index) == 0:
+            raise BloodflError(f"the {split} split is empty; check the split settings")
+        ds = IndexedImages(self.images, self.labels, index)
+        return DataLoader(
+            ds,
+            batch_size=self.batch_size,
+            shuffle=train,
+            # a last batch of one image breaks BatchNorm in training
+            drop_last=train and len(ds) > self.batch_size,
+            generator=self.generator if train else None,
+            collate_fn=_as_batch,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", False)
+
+    def to_float(self, x: torch.Tensor, train: bool) -> torch.Tensor:
+        """uint8 NHWC batch -> normalized float NCHW; augmentation only when ``train``."""
+        x = x.permute(0, 3, 1, 2).float().div_(255.0)
+        if train and self.augment is not None:
+            x = self.augment(x)
+        mean, std = self.register_mean_std
+        return (x - mean.to(x.device)) / std.to(x.device)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        x, y = batch
+        if x.dtype != torch.uint8:  # already converted (e.g. by a wrapper)
+            return batch
+        training = self.trainer is not None and self.trainer.training
+        return self.to_float(x, training), y
+
+
+def _array_hashes(images: np.ndarray) -> list[str]:
+    return [hashlib.sha1(np.ascontiguousarray(im).tobytes()).hexdigest() for im in images]
+
+
+class BloodDataModule(ArrayDataModule):
+    """A configured data set: source -> checks -> de-duplication -> split -> decoded (cached) images."""
+
+    def __init__(
+        self,
+        dataset: DictConfig,
+        split: DictConfig,
+        augment: nn.Module | None = None,
+        batch_size: int = 32,
+        seed: int = 0,
+        cache_dir: str | None = None,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__(batch_size=batch_size, augment=augment, normalize=dataset.get("normalize", "imagenet"),
+                         seed=seed, num_workers=num_workers)
+        self.dataset_cfg = dataset
+        self.split_spec = SplitSpec(**{k: v for k, v in split.items() if k in SplitSpec.__dataclass_fields__})
+        if self.split_spec.seed is None:
+            self.split_spec.seed = seed
+        self.cache_dir = cache_dir
+        self.table: SampleTable | None = None
+        self.split: np.ndarray | None = None
+        self.report: list[str] = []
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.table is None:
+            self.load()
+
+    def _content_keys(self, table: SampleTable) -> list[str]:
+        if table.images is not None:
+            return _array_hashes(table.images)
+        from bloodfl.data.checks import content_hashes
+
+        return content_hashes(table)
+
+    def load(self) -> None:
+        cfg = self.dataset_cfg
+        from bloodfl.data.sources import build_table
+
+        table = build_table(cfg)
+        if len(table) == 0:
+            raise BloodflError(f"data set {cfg.name!r} has no images")
+        self.report += table.problems
+        self._verify(table)
+        hashes = self._content_keys(table)
+        policy = cfg.get("duplicates", "drop")
+        if policy != "keep":
+            from bloodfl.data.checks import dedupe
+
+            before = len(table)
+            by_ref = dict(zip(table.refs, hashes))
+            table = dedupe(table, hashes, policy=policy)
+            hashes = [by_ref[r] for r in table.refs]
+            if len(table) != before:
+                self.report.append(f"duplicates ({policy}): {before - len(table)} images removed")
+        groups = self._split_groups(table)
+        split = assign_splits(table.labels, self.split_spec, groups=groups,
+                              published=table.published_split, classes=table.classes)
+        if policy != "keep":
+            assert_disjoint(split, hashes, "an identical image (content hash)")
+        if groups is not None:
+            assert_disjoint(split, groups, "group")
+        images = table.images
+        if images is None:
+            from bloodfl.data.decode import load_images
+
+            images, unreadable = load_images(table, int(cfg.image_size), resize=cfg.get("resize", "stretch"),
+                                             cache_dir=self.cache_dir)
+            if unreadable:
+                self.report += [f"unreadable, left out: {r}" for r in unreadable]
+                bad = set(unreadable)
+                keep_rows = np.array([r not in bad for r in table.refs])
+                table, images, split = table.subset(np.flatnonzero(keep_rows)), images[keep_rows], split[keep_rows]
+        elif images.shape[1] != int(cfg.image_size):
+            raise BloodflError(f"source rendered {images.shape[1]} px images, expected dataset.image_size")
+        self.table, self.split, self.images, self.labels = table, split, images, table.labels
+        self.classes = list(table.classes)
+        for s in SPLITS:
+            self.idx[s] = np.flatnonzero(split == s)
+        for line in self.report:
+            log.warning(line)
+
+    def _split_groups(self, table: SampleTable) -> list[str] | None:
+        group_by = self.split_spec.group_by or self.dataset_cfg.get("group_key")
+        if self.dataset_cfg.get("duplicates", "drop") == "group":
+            group_by = group_by or "duplicates"  # dedupe folded identical files into table.groups
+        if not group_by or group_by == "none":
+            return None
+        if table.groups is None:
+            raise BloodflError(
+                f"split.group_by={group_by!r} but data set {table.name!r} has no group key; set split.group_by=null"
+            )
+        return table.groups
+
+    def _verify(self, table: SampleTable) -> None:
+        expected = self.dataset_cfg.get("expected_counts")
+        if not expected or not self.dataset_cfg.get("verify", True):
+            return
+        from bloodfl.data.checks import check_table
+
+        problems = check_table(table, dict(expected))
+        if problems:
+            raise BloodflError(
+                f"data set {table.name!r} failed its checks: {'; '.join(problems)} "
+                "(run `python -m bloodfl.data verify " + str(self.dataset_cfg.name)
+                + "` for details, or set dataset.verify=false to train anyway)"
+            )
+
+    def save_splits(self, path: str | Path) -> None:
+        """Write (path, label, split) for every image, so any run's split can be audited and reused."""
+        assert self.table is not None and self.split is not None
+        with open(path, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["path", "label", "split"])
+            for ref, y, s in zip(self.table.refs, self.table.labels, self.split):
+                w.writerow([ref, self.table.classes[y], s])

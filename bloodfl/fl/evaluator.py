@@ -1,0 +1,43 @@
+"""Centralized evaluation of the global model on held-out data (Flower's ``evaluate_fn``).
+
+Part of the simulation harness, not of the server strategy: it holds the central test (and validation) images,
+which in a real deployment would be a separate evaluation site. It receives only global weights.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+from bloodfl.data.datamodule import ArrayDataModule
+from bloodfl.fl.client import quiet_lightning
+from bloodfl.fl.strategy import Weights
+from bloodfl.training.module import ClassifierModule
+
+
+class GlobalEvaluator:
+    """Load global weights into ``module.net`` and run the module's test step over ``split`` of ``datamodule``."""
+
+    def __init__(self, module: ClassifierModule, datamodule: ArrayDataModule,
+                 trainer_kwargs: dict[str, Any] | None = None) -> None:
+        self.module = module
+        self.datamodule = datamodule
+        self.trainer_kwargs = dict(trainer_kwargs or {})
+
+    def has(self, split: str) -> bool:
+        idx = self.datamodule.idx.get(split)
+        return idx is not None and len(idx) > 0
+
+    def evaluate(self, weights: Weights, split: str = "test") -> dict[str, float]:
+        """Metrics under ``test/`` (split="test") or ``val/`` (split="val") of the model with ``weights``."""
+        self.module.net.load_state_dict(weights, strict=True)
+        kwargs = {"enable_progress_bar": False, **self.trainer_kwargs}
+        with quiet_lightning():
+            trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_model_summary=False, **kwargs)
+            if split == "test":
+                out = trainer.test(self.module, datamodule=self.datamodule, verbose=False)[0]
+            else:
+                out = trainer.validate(self.module, datamodule=self.datamodule, verbose=False)[0]
+        return {k: float(v) for k, v in out.items() if isinstance(v, (int, float, torch.Tensor))}

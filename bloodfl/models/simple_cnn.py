@@ -1,0 +1,31 @@
+"""A small CNN for fast experiments and tests: four conv blocks, a few hundred thousand parameters."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _block(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+    )
+
+
+class SimpleCNN(nn.Module):
+    """Backbone with timm's ``forward_features`` interface, so the paper head fits on it like on timm models."""
+
+    def __init__(self, in_chans: int = 3, widths: tuple[int, ...] = (32, 64, 128, 128)) -> None:
+        super().__init__()
+        chans = (in_chans, *widths)
+        self.features = nn.Sequential(*[_block(a, b) for a, b in zip(chans[:-1], chans[1:])])
+        self.num_features = widths[-1]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(x)

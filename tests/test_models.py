@@ -1,0 +1,85 @@
+"""Model registry, the paper head, and weights loading (pretrained offline, local files)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from bloodfl.errors import BloodflError
+from bloodfl.models import build_classifier, list_models
+from bloodfl.models.heads import PaperHead
+from tests.conftest import run_cli
+
+
+def test_registry_lists_and_filters() -> None:
+    names = list_models()
+    for required in ("vgg16", "vgg19", "resnet50", "inception_v3", "densenet121", "efficientnet_b0",
+                     "mobilenetv2", "resnet18", "simple_cnn"):
+        assert required in names
+    assert list_models("resnet*") == [n for n in names if n.startswith("resnet")]
+
+
+def test_unknown_model_lists_valid_ones() -> None:
+    with pytest.raises(BloodflError, match=r"unknown model 'vgg17'; valid models: .*vgg16"):
+        build_classifier("vgg17", 4, 32)
+
+
+def test_paper_head_layers_and_shapes() -> None:
+    head = PaperHead((64, 4, 4), num_classes=5)
+    kinds = [type(m).__name__ for m in head.mlp]
+    assert kinds == ["Linear", "ReLU", "Dropout", "Linear"]
+    assert head.mlp[0].in_features == 64 * 4 * 4 and head.mlp[0].out_features == 1024
+    assert head.mlp[2].p == 0.5
+    assert head(torch.randn(2, 64, 4, 4)).shape == (2, 5)
+    pooled = PaperHead((64, 4, 4), num_classes=5, pool="avg", hidden=0)
+    assert [type(m).__name__ for m in pooled.mlp] == ["Linear"] and pooled.mlp[0].in_features == 64
+
+
+def test_classifier_outputs_logits_and_probabilities() -> None:
+    model = build_classifier("simple_cnn", 8, 32).eval()
+    x = torch.randn(3, 3, 32, 32)
+    logits = model(x)
+    assert logits.shape == (3, 8)
+    assert torch.allclose(model.predict_proba(x).sum(1), torch.ones(3), atol=1e-5)
+
+
+def test_vgg_carries_no_unused_classifier_weights() -> None:
+    n = sum(p.numel() for p in build_classifier("vgg16", 8, 32).parameters())
+    # 14.7M conv weights + head; timm's unused fc6/fc7 (pre_logits) would add ~120M
+    assert n < 20_000_000
+
+
+def test_image_too_small_for_model() -> None:
+    with pytest.raises(BloodflError, match="at least 75 px"):
+        build_classifier("inception_v3", 4, 32)
+
+
+def test_local_weights_file_roundtrip(tmp_path: Path) -> None:
+    a = build_classifier("resnet18", 4, 32)
+    path = tmp_path / "w.pth"
+    torch.save(a.backbone.state_dict(), path)
+    b = build_classifier("resnet18", 4, 32, weights=str(path))
+    for (k, va), vb in zip(a.backbone.state_dict().items(), b.backbone.state_dict().values()):
+        assert torch.equal(va, vb), k
+    assert "loaded" in b.weights_info
+
+
+def test_missing_or_foreign_weights_file(tmp_path: Path) -> None:
+    with pytest.raises(BloodflError, match="not found"):
+        build_classifier("resnet18", 4, 32, weights=str(tmp_path / "nope.pth"))
+    torch.save({"unrelated.weight": torch.zeros(3)}, tmp_path / "x.pth")
+    with pytest.raises(BloodflError, match="matches no parameter"):
+        build_classifier("resnet18", 4, 32, weights=str(tmp_path / "x.pth"))
+
+
+def test_pretrained_offline_fails_clearly(tmp_path: Path) -> None:
+    """No silent fall-back to random weights: the run stops and names both alternatives."""
+    res = run_cli("train.py", ["model=resnet18", "model.pretrained=true", "trainer.fast_dev_run=true",
+                               "dataset.source.n_per_class=10"], tmp_path,
+                  env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert res.returncode == 2
+    err = res.stderr.strip().splitlines()[-1]
+    assert "ImageNet weights" in err and "model.weights=" in err and "model.pretrained=false" in err
+    assert "Traceback" not in res.stderr

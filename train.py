@@ -1,0 +1,25 @@
+"""Centralized training. Examples:
+
+    python train.py                                    # simple_cnn on the embedded synthetic data
+    python train.py dataset=pbc model=resnet18 dataset.image_size=64
+    python train.py -m model=vgg16,resnet50,inception_v3 dataset.image_size=96 trainer.max_epochs=1
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from bloodfl.console import user_errors_exit
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+@user_errors_exit
+def main(cfg: DictConfig) -> float | None:
+    from bloodfl.training.run import train
+
+    metrics = train(cfg)
+    value = metrics.get(cfg.get("optimized_metric") or "")
+    return float(value) if value is not None else None
+
+
+if __name__ == "__main__":
+    main()
