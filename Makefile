@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python train.py dataset=synthetic model=simple_cnn trainer.max_epochs=8
+	$(BIN)/python train.py dataset=synthetic model=simple_cnn loader.batch_size=16 trainer.max_epochs=8
 
 test: $(STAMP)
 	$(BIN)/ruff check .

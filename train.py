@@ -5,10 +5,12 @@
     python train.py -m model=vgg16,resnet50,inception_v3 dataset.image_size=96 trainer.max_epochs=1
 """
 
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig
 
-from bloodfl.console import user_errors_exit
+from bloodfl.console import quote_group_choices, user_errors_exit
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -22,4 +24,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    quote_group_choices(Path(__file__).parent / "conf")
     main()

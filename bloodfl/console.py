@@ -6,6 +6,7 @@ import functools
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import rich
@@ -44,3 +45,18 @@ def user_errors_exit(fn: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(2)
 
     return wrapper
+
+
+def quote_group_choices(conf_dir: Path, argv: list[str] | None = None) -> None:
+    """Quote config-group choices Hydra would parse as non-strings, so ``dp=true`` selects conf/dp/true.yaml.
+
+    Hydra reads ``dp=true`` as a bool and refuses it as a group choice; users should not have to type
+    ``dp='true'``. Comma lists (``-m dp=true,false``) are quoted item by item.
+    """
+    argv = sys.argv if argv is None else argv
+    groups = {p.name for p in conf_dir.iterdir() if p.is_dir()}
+    for i, arg in enumerate(argv[1:], start=1):
+        key, sep, value = arg.partition("=")
+        if not sep or key.lstrip("+~") not in groups or not value or value[0] in "'\"[":
+            continue
+        argv[i] = f"{key}=" + ",".join(v if v[:1] in "'\"" else f"'{v}'" for v in value.split(","))

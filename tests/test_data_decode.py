@@ -292,7 +292,7 @@ def _dup_table(tmp_path: Path) -> tuple[SampleTable, list[str]]:
     pics = {k: _png_bytes(Image.fromarray(_cell(value=v), "L")) for k, v in zip("xyzw", (10, 20, 30, 40))}
     layout = {"a": "xxyz", "b": "zw"}
     for cls, keys in layout.items():
-        (tmp_path / cls).mkdir()
+        (tmp_path / cls).mkdir(parents=True)
         for i, k in enumerate(keys):
             (tmp_path / cls / f"{i}.png").write_bytes(pics[k])
     t = sources.folder_per_class(str(tmp_path), None, "d")
@@ -329,3 +329,22 @@ def test_check_table_and_class_weights(tmp_path: Path) -> None:
     assert check_table(t, {"a": 4}) == ["class b: 2 images, but dataset.expected_counts has no entry for it"]
     assert class_weights([30, 10]) == pytest.approx([40 / 60, 40 / 20])
     assert class_weights([5, 0]) == [0.5, 0.0]  # N=5, C=2: 5 / (5 * 2)
+
+
+def test_hash_cache_reads_no_files_and_follows_changes(tmp_path: Path, monkeypatch) -> None:
+    from bloodfl.data import checks
+
+    t, direct = _dup_table(tmp_path / "d")
+    cache = tmp_path / "cache"
+    assert content_hashes(t, cache_dir=cache) == direct and len(list(cache.glob("*-sha256-*.json"))) == 1
+
+    def no_reads(ref: str) -> bytes:
+        raise AssertionError(f"read {ref} despite the cache")
+
+    monkeypatch.setattr(checks, "read_bytes", no_reads)
+    assert content_hashes(t, cache_dir=cache) == direct
+    monkeypatch.undo()
+    Path(t.refs[0]).write_bytes(Path(t.refs[5]).read_bytes())  # x becomes w: a new cross-class duplicate
+    os.utime(t.refs[0], ns=(1, 1))
+    changed = content_hashes(t, cache_dir=cache)
+    assert changed[0] == direct[5] and find_duplicates(t, changed).across == [[0, 5], [3, 4]]

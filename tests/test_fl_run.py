@@ -50,8 +50,9 @@ def test_two_clients_two_rounds_outputs_and_learning(tmp_path: Path) -> None:
     assert (tmp_path / "csv" / "metrics.csv").exists()
     part = (tmp_path / "partition.csv").read_text().splitlines()
     assert part[0].startswith("client,n,elliptocyte") and len(part) == 3
-    # the clients' shards cover the training split (112 = 0.7 * 160)
-    assert sum(int(line.split(",")[1]) for line in part[1:]) == 112
+    # the clients' shards cover the training split
+    n_train = sum(line.endswith(",train") for line in (tmp_path / "splits.csv").read_text().splitlines())
+    assert sum(int(line.split(",")[1]) for line in part[1:]) == n_train
 
 
 def test_one_client_one_round_equals_local_training(tmp_path: Path) -> None:
@@ -148,8 +149,19 @@ def _toy_client(mu: float) -> tuple[float, float]:
 def test_fedprox_keeps_clients_near_the_global_model() -> None:
     free, _ = _toy_client(0.0)
     prox, _ = _toy_client(5.0)
-    assert prox < 0.7 * free, (prox, free)
-    assert ProximalTerm(1.0, {})._handles == []
+    assert prox < 0.5 * free, (prox, free)  # measured 0.64 vs 6.74
+
+
+def test_proximal_gradient_is_mu_times_distance() -> None:
+    net = torch.nn.Linear(3, 2)
+    glob = {k: v.detach().clone() - 1.0 for k, v in net.state_dict().items()}
+    term = ProximalTerm(0.25, glob)
+    term._pairs = [(p, glob[n]) for n, p in net.named_parameters()]
+    for p in net.parameters():
+        p.grad = torch.zeros_like(p)
+    term.add_gradient()
+    for p in net.parameters():
+        assert torch.allclose(p.grad, torch.full_like(p, 0.25))  # mu * (w - (w - 1))
 
 
 def test_cli_run_and_resume_hint(tmp_path: Path) -> None:

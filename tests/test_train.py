@@ -28,8 +28,8 @@ def test_run_directory_contract(tmp_path: Path) -> None:
     cfg = compose_cfg([*FAST, "callbacks=default", "trainer.max_epochs=2", "class_weights=true"], tmp_path)
     metrics = train(cfg)
     saved = json.loads((tmp_path / "metrics.json").read_text())
-    for key in ("test/acc", "test/f1_macro", "test/precision_macro", "test/recall_macro", "test/loss", "test/auroc_macro",
-                "val/acc", "val/loss", "val/acc_best"):
+    for key in ("test/acc", "test/f1_macro", "test/precision_macro", "test/recall_macro", "test/loss",
+                "test/auroc_macro", "val/acc", "val/loss", "val/acc_best"):
         assert key in saved, key
         assert saved[key] == pytest.approx(metrics[key])
     lines = (tmp_path / "splits.csv").read_text().splitlines()
@@ -64,14 +64,22 @@ def test_multirun_two_models_each_write_metrics(tmp_path: Path) -> None:
         assert "test/acc" in json.loads(job.read_text())
     assert models == {"simple_cnn", "resnet18"}
 
+    from bloodfl.evaluation.collect import main as collect_main
+
+    sweep_dir = jobs[0].parent.parent
+    assert collect_main([str(sweep_dir)]) == 0
+    summary = (sweep_dir / "summary.csv").read_text().splitlines()
+    assert len(summary) == 3 and "test/acc" in summary[0]
+
 
 def test_demo_learns_synthetic(tmp_path: Path) -> None:
     """A few epochs of simple_cnn on synthetic data reach clearly above chance (1/8)."""
-    cfg = compose_cfg(["dataset=synthetic", "dataset.image_size=32", "dataset.source.n_per_class=60",
-                       "callbacks=default", "trainer.max_epochs=6", "logger=csv"], tmp_path)
+    cfg = compose_cfg(["dataset=synthetic", "dataset.image_size=32", "dataset.source.n_per_class=100",
+                       "loader.batch_size=16", "trainer.max_epochs=8", "callbacks=default",
+                       "callbacks.progress_bar=null", "logger=csv"], tmp_path)
     metrics = train(cfg)
-    # measured 0.xx–0.xx over seeds (see README); chance is 0.125
-    assert metrics["test/acc"] > 0.40, metrics
+    # measured with this config, seeds 1-4: test/acc 0.64, 0.80, 0.69, 0.70 (80 test images); chance is 0.125
+    assert metrics["test/acc"] > 0.45, metrics
 
 
 def test_wandb_run_closed_even_on_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
+from bloodfl.data.decode import cache_key, safe_name, write_atomic
 from bloodfl.data.io import read_bytes
 from bloodfl.data.table import ZIP_SEP, SampleTable
 from bloodfl.errors import BloodflError
@@ -25,18 +29,44 @@ def _hash_one(ref: str) -> str:
         return f"unreadable:{ref}"  # unique, so an unreadable file never counts as a duplicate
 
 
-def content_hashes(table: SampleTable, num_workers: int = DEFAULT_WORKERS) -> list[str]:
+def content_hashes(table: SampleTable, num_workers: int = DEFAULT_WORKERS,
+                   cache_dir: str | os.PathLike | None = None) -> list[str]:
     """sha256 of each image's file bytes (as in the data sets' MANIFEST.sha256), in table order.
 
     Files are read in threads: hashlib and file reads release the GIL. A file that cannot be read gets
-    the unique key "unreadable:<ref>" (decoding reports it).
+    the unique key "unreadable:<ref>" (decoding reports it). With ``cache_dir`` the hashes are kept in a
+    small JSON file keyed like the image cache (refs, sizes, mtimes), so a later run reads no image file.
     """
     if table.images is not None:  # rendered in memory: hash the pixels
         return [hashlib.sha256(np.ascontiguousarray(im).tobytes()).hexdigest() for im in table.images]
+    path = None
+    if cache_dir is not None:
+        key = cache_key(table.refs, 0, "sha256")
+        path = Path(cache_dir) / f"{safe_name(table.name)}-sha256-{key[:20]}.json"
+        cached = _read_hashes(path, key, len(table))
+        if cached is not None:
+            return cached
     if num_workers <= 1:
-        return [_hash_one(r) for r in table.refs]
-    with ThreadPoolExecutor(num_workers) as pool:
-        return list(pool.map(_hash_one, table.refs, chunksize=256))
+        hashes = [_hash_one(r) for r in table.refs]
+    else:
+        with ThreadPoolExecutor(num_workers) as pool:
+            hashes = list(pool.map(_hash_one, table.refs, chunksize=256))
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, lambda fh: fh.write(json.dumps({"key": key, "hashes": hashes}).encode()))
+        except OSError:
+            pass  # only a speed-up: the next run hashes again
+    return hashes
+
+
+def _read_hashes(path: Path, key: str, n: int) -> list[str] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    hashes = data.get("hashes") if data.get("key") == key else None
+    return hashes if isinstance(hashes, list) and len(hashes) == n else None
 
 
 @dataclass

@@ -8,7 +8,6 @@ epoch reads no image files and costs little more than a pass over tensors alread
 from __future__ import annotations
 
 import csv
-import hashlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -144,10 +143,6 @@ class ArrayDataModule(pl.LightningDataModule):
         return self.to_float(x, training), y
 
 
-def _array_hashes(images: np.ndarray) -> list[str]:
-    return [hashlib.sha1(np.ascontiguousarray(im).tobytes()).hexdigest() for im in images]
-
-
 class BloodDataModule(ArrayDataModule):
     """A configured data set: source -> checks -> de-duplication -> split -> decoded (cached) images."""
 
@@ -177,11 +172,9 @@ class BloodDataModule(ArrayDataModule):
             self.load()
 
     def _content_keys(self, table: SampleTable) -> list[str]:
-        if table.images is not None:
-            return _array_hashes(table.images)
         from bloodfl.data.checks import content_hashes
 
-        return content_hashes(table)
+        return content_hashes(table, cache_dir=self.cache_dir)
 
     def load(self) -> None:
         cfg = self.dataset_cfg
@@ -190,7 +183,6 @@ class BloodDataModule(ArrayDataModule):
         table = build_table(cfg)
         if len(table) == 0:
             raise BloodflError(f"data set {cfg.name!r} has no images")
-        self.report += table.problems
         self._verify(table)
         hashes = self._content_keys(table)
         policy = cfg.get("duplicates", "drop")
@@ -202,7 +194,7 @@ class BloodDataModule(ArrayDataModule):
             table = dedupe(table, hashes, policy=policy)
             hashes = [by_ref[r] for r in table.refs]
             if len(table) != before:
-                self.report.append(f"duplicates ({policy}): {before - len(table)} images removed")
+                table.problems.append(f"duplicates ({policy}): {before - len(table)} images removed")
         groups = self._split_groups(table)
         split = assign_splits(table.labels, self.split_spec, groups=groups,
                               published=table.published_split, classes=table.classes)
@@ -217,7 +209,7 @@ class BloodDataModule(ArrayDataModule):
             images, unreadable = load_images(table, int(cfg.image_size), resize=cfg.get("resize", "stretch"),
                                              cache_dir=self.cache_dir)
             if unreadable:
-                self.report += [f"unreadable, left out: {r}" for r in unreadable]
+                table.problems += [f"unreadable, left out: {r}" for r in unreadable]
                 bad = set(unreadable)
                 keep_rows = np.array([r not in bad for r in table.refs])
                 table, images, split = table.subset(np.flatnonzero(keep_rows)), images[keep_rows], split[keep_rows]
@@ -227,6 +219,7 @@ class BloodDataModule(ArrayDataModule):
         self.classes = list(table.classes)
         for s in SPLITS:
             self.idx[s] = np.flatnonzero(split == s)
+        self.report = list(table.problems)
         for line in self.report:
             log.warning(line)
 

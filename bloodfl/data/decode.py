@@ -14,9 +14,10 @@ import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
@@ -116,9 +117,12 @@ def cache_key(refs: Sequence[str], image_size: int, resize: str) -> str:
     return h.hexdigest()
 
 
+def safe_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in (name or "data"))
+
+
 def cache_path(cache_dir: str | os.PathLike, name: str, image_size: int, resize: str, key: str) -> Path:
-    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in (name or "data"))
-    return Path(cache_dir) / f"{safe}-{image_size}px-{resize}-{key[:20]}.npy"
+    return Path(cache_dir) / f"{safe_name(name)}-{image_size}px-{resize}-{key[:20]}.npy"
 
 
 # -------------------------------------------------------------------------------------------- decoding
@@ -168,7 +172,8 @@ def _read_cache(path: Path, key: str, shape: tuple[int, ...]) -> tuple[np.ndarra
     return images, list(meta.get("unreadable", []))
 
 
-def _write_atomic(path: Path, write) -> None:  # noqa: ANN001 - a callable taking the open file
+def write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write ``path`` through a temporary file and a rename: readers see the old file or the whole new one."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as fh:
@@ -187,8 +192,8 @@ def _write_cache(path: Path, key: str, images: np.ndarray, unreadable: list[str]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         # the .npy last: a cache counts only when both files exist and the key matches
-        _write_atomic(path.with_suffix(".json"), lambda fh: fh.write(json.dumps(meta).encode()))
-        _write_atomic(path, lambda fh: np.save(fh, images, allow_pickle=False))
+        write_atomic(path.with_suffix(".json"), lambda fh: fh.write(json.dumps(meta).encode()))
+        write_atomic(path, lambda fh: np.save(fh, images, allow_pickle=False))
     except OSError as exc:
         log.warning("could not write the decoded-image cache %s (%s); continuing without it", path, exc)
 

@@ -124,7 +124,7 @@ def assign_splits(
         if published is None:
             raise BloodflError(
                 "split=published needs a data set that publishes its own train/test split (e.g. wbc4); "
-                "choose split=721, 80_20, 90_10 or kfold"
+                "choose split=7-2-1, 80-20, 90-10 or kfold"
             )
         pub = np.asarray(published, dtype=object)
         out[pub == "test"] = "test"

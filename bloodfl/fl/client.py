@@ -40,7 +40,8 @@ def client_seed(seed: int, server_round: int, cid: int) -> int:
     return int(np.random.SeedSequence([seed, server_round, 2, cid]).generate_state(1)[0])
 
 
-def carve_validation(shard: np.ndarray, labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def carve_validation(shard: np.ndarray, labels: np.ndarray, fraction: float,
+                     seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Split a client's shard into (train, local validation); stratified when every class allows it."""
     shard = np.sort(np.asarray(shard, dtype=np.int64))
     n_val = int(round(fraction * len(shard)))
@@ -73,36 +74,44 @@ def seed_all(seed: int) -> None:
 
 class ProximalTerm(pl.Callback):
     """FedProx: add the gradient of ``mu/2 * ||w - w_global||^2``, i.e. ``mu * (w - w_global)``, to every
-    parameter's gradient right before each optimizer step.
+    parameter's gradient after each backward pass, before the optimizer step.
 
-    The hook sits on the innermost torch optimizer (``original_optimizer`` under Opacus), so with DP-SGD it runs
-    after clipping and noise: the term does not touch the data, so it costs no privacy and must not be clipped.
+    Under Opacus (a DPOptimizer, which replaces the gradients by clipped noisy sums inside ``step``) the term is
+    added by a step pre-hook on the inner torch optimizer instead, i.e. after clipping and noise: the term does
+    not touch the data, so it costs no privacy and must not be clipped.
     """
 
     def __init__(self, mu: float, global_weights: Weights) -> None:
         self.mu = mu
         self.global_weights = global_weights
+        self._pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._handles: list[Any] = []
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         net = pl_module.net  # type: ignore[attr-defined]
-        pairs = [(p, self.global_weights[name].to(p.device, p.dtype))
-                 for name, p in net.named_parameters() if p.requires_grad]
-
-        def add_proximal_gradient(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-            with torch.no_grad():
-                for p, g in pairs:
-                    if p.grad is not None:
-                        p.grad.add_(p - g, alpha=self.mu)
-
+        self._pairs = [(p, self.global_weights[name].to(p.device, p.dtype))
+                       for name, p in net.named_parameters() if p.requires_grad]
         for opt in trainer.optimizers:
-            inner = getattr(opt, "original_optimizer", opt)
-            self._handles.append(inner.register_step_pre_hook(add_proximal_gradient))
+            if hasattr(opt, "original_optimizer"):  # Opacus DPOptimizer
+                self._handles.append(opt.original_optimizer.register_step_pre_hook(
+                    lambda *_: self.add_gradient()))
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        if not hasattr(optimizer, "original_optimizer"):
+            self.add_gradient()
+
+    def add_gradient(self) -> None:
+        with torch.no_grad():
+            for p, g in self._pairs:
+                if p.grad is not None:
+                    p.grad.add_(p - g, alpha=self.mu)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._pairs = []
 
 
 class FLClient:

@@ -183,6 +183,11 @@ class Simulation:
         _set_rng_states(state["rng"])
         write_rounds_csv(self.out_dir / "rounds.csv", self.history, len(self.clients))
 
+    def replay_to_loggers(self) -> None:
+        """Log the restored rounds again (a resumed CSVLogger starts a fresh metrics.csv)."""
+        for row in self.history:
+            self._log(row)
+
     def run(self) -> Weights:
         """Rounds ``completed + 1 .. settings.rounds``; returns the final global weights."""
         for r in range(self.completed + 1, self.settings.rounds + 1):

@@ -193,6 +193,7 @@ def federate(cfg: DictConfig, client_hook: ClientHook | None = None) -> dict[str
     try:
         for lg in loggers:
             lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        sim.replay_to_loggers()
         final = sim.run()
         metrics = _final_metrics(sim, evaluator, final, out)
         for lg in loggers:

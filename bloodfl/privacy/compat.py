@@ -246,7 +246,8 @@ def check_private(model: nn.Module, input_shape: tuple[int, ...], grad_sample_mo
         if grad_sample_mode == "ghost":
             gsm.NORM_SAMPLERS = ghost_norm_samplers()  # the rules PrivateTraining uses
     except NotImplementedError as exc:  # Opacus reports unsupported layers as a list of errors
-        raise BloodflError(f"model cannot be trained with DP: {_first_line(exc)}; use another model or dp=false")
+        raise BloodflError(f"model cannot be trained with DP: {_first_line(exc)}; use another model or "
+                           "dp=false") from exc
     try:
         out = gsm(torch.randn(2, *input_shape))
         out.float().square().sum().backward()

@@ -18,11 +18,13 @@ the dry run fails, then falls back to hooks.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from opacus import PrivacyEngine
@@ -34,7 +36,14 @@ from bloodfl.privacy.accountant import MECHANISMS, PrivacyAccountant, calibrate_
 from bloodfl.privacy.compat import check_private, make_dp_compatible
 from bloodfl.privacy.norms import ghost_norm_samplers
 
+if TYPE_CHECKING:
+    from bloodfl.privacy.lightning import DPCallback
+
 MODES = ("auto", "ghost", "hooks")
+
+# Opacus' hooks see module outputs only (images do not require grad); PyTorch says so on every step
+warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect "
+                        "to module outputs", category=UserWarning)
 
 
 @dataclass(frozen=True)
@@ -142,14 +151,39 @@ class ClientPrivacy:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key in ("noise_multiplier", "sample_rate", "delta"):
             if not math.isclose(state[key], getattr(self, key), rel_tol=1e-9):
-                raise BloodflError(f"{self.name}: checkpoint was trained with {key}={state[key]:.6g} but this run "
-                                   f"has {getattr(self, key):.6g}; resume with the same dp, data and batch settings")
+                hint = ("dp.target_epsilon fixes the noise for the planned number of steps, so the rounds and "
+                        f"epochs cannot change; to go on past the plan use dp.target_epsilon=null "
+                        f"dp.noise_multiplier={state[key]!r}") if key == "noise_multiplier" and \
+                    self.settings.target_epsilon is not None else "resume with the same dp, data and batch settings"
+                raise BloodflError(f"{self.name}: the checkpoint was trained with {key}={state[key]:.6g} but this run "
+                                   f"has {getattr(self, key):.6g}; {hint}")
         self.accountant.load_state_dict(state["accountant"])
+
+    def callback(self) -> DPCallback:
+        """Lightning callback that trains one fit with DP-SGD, accounted here."""
+        from bloodfl.privacy.lightning import DPCallback
+
+        return DPCallback(self)
+
+    def callbacks(self, client: object = None) -> list[DPCallback]:
+        """What ``FLClient.train_locally`` adds to each local trainer."""
+        return [self.callback()]
 
     def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer, data_loader: DataLoader,
                criterion: nn.Module | None = None) -> PrivateTraining:
         """DP versions of optimizer, loader and loss for one local fit; steps are added to this accountant."""
         return PrivateTraining(self, model, optimizer, data_loader, criterion or nn.CrossEntropyLoss())
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str) -> Iterator[None]:
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 class PrivateTraining:
@@ -166,7 +200,8 @@ class PrivateTraining:
         self.mode = privacy.grad_sample_mode
         engine = PrivacyEngine(accountant=privacy.accountant.mechanism)
         engine.accountant = privacy.accountant.opacus  # steps land in the run-long accountant
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _quiet("opacus.data_loader"):
+            # documented in docs/privacy.md: secure RNG is off; drop_last is meaningless under Poisson sampling
             warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
             out = engine.make_private(module=model, optimizer=optimizer, criterion=criterion,
                                       data_loader=data_loader, noise_multiplier=privacy.noise_multiplier,

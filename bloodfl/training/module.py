@@ -47,6 +47,7 @@ class ClassifierModule(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["net"])
         self.net = net
+        self.private: Any = None  # set by bloodfl.privacy.lightning.DPCallback during a DP fit
         weight = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32)
         self.criterion = nn.CrossEntropyLoss(weight=weight)
         self.train_metrics = classification_metrics(num_classes).clone(prefix="train/")
@@ -61,10 +62,15 @@ class ClassifierModule(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         x, y = batch
-        logits = self(x)
-        loss = self.criterion(logits, y)
+        if self.private is not None:  # DP-SGD: forward, per-sample clipping, noise and the step happen there
+            loss, logits = self.private.step(x, y)
+            if loss is None:  # an empty Poisson batch: a noise-only step was taken, nothing to log
+                return None
+        else:
+            logits = self(x)
+            loss = self.criterion(logits, y)
         self.train_loss(loss.detach(), weight=len(y))
         self.train_metrics.update(logits.detach(), y)
         self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)

@@ -17,6 +17,7 @@ from bloodfl.data.datamodule import BloodDataModule
 from bloodfl.errors import BloodflError
 from bloodfl.evaluation.report import class_report
 from bloodfl.models import build_classifier
+from bloodfl.privacy.integration import centralized_privacy, make_net_private, privacy_summary, write_privacy_json
 from bloodfl.training.module import ClassifierModule
 
 log = logging.getLogger("bloodfl")
@@ -62,6 +63,7 @@ def build_module(cfg: DictConfig, dm: BloodDataModule) -> ClassifierModule:
     )
     if getattr(net, "weights_info", None):
         log.info(net.weights_info)
+    net = make_net_private(net, cfg)  # no-op unless dp=true; before the optimizer and before FL copies it
     return ClassifierModule(
         net,
         num_classes=dm.num_classes,
@@ -103,6 +105,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     module = build_module(cfg, dm)
 
     callbacks = instantiate_all(cfg.get("callbacks"))
+    privacy = centralized_privacy(cfg, dm, module.net)  # None with dp=false
+    if privacy is not None:
+        callbacks.append(privacy.callback())
     loggers = instantiate_all(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     try:
@@ -120,12 +125,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             report = class_report(module.test_probs, module.test_targets, dm.classes)
             report.write(out)
             metrics["test/auroc_macro"] = report.auroc_macro
+        if privacy is not None:
+            write_privacy_json(out / "privacy.json", [privacy], OmegaConf.to_container(cfg.dp, resolve=True))
+            metrics["dp/epsilon"], metrics["dp/delta"] = privacy.epsilon(), privacy.delta
         metrics["epochs"] = trainer.current_epoch
         metrics["best_checkpoint"] = ckpt or None
     finally:
         close_loggers(loggers)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     shown = " ".join(f"{k}={metrics[k]:.4f}" for k in ("test/acc", "test/f1_macro") if k in metrics)
+    if privacy is not None:
+        shown += " " + privacy_summary([privacy])
     log.info("outputs in %s %s", out, shown)
     print(f"Done: outputs in {out} {shown}")
     return metrics

@@ -1,0 +1,119 @@
+"""What does federation cost in time? ``federate.py`` (5 clients x 10 rounds x 1 local epoch, iid) against
+``train.py`` for 10 epochs: the same data set (default all_pbs at 64 px), model, batch size and training images.
+
+Both are run as a user runs them (separate processes, same overrides, warm decoded-image cache) and alternate
+within every repeat, so the ratios compare runs made under the same machine load. Reported per run: wall time
+and CPU time (user + system of the child process: less sensitive to other load on the machine), and for the
+federated run the per-round split from rounds.csv (local fits vs aggregation + global evaluation).
+Target (issue 4): federated wall time <= 1.15 x centralized.
+
+``--fed-args`` adds federated-only settings; the default ``fl.val_fraction=0`` makes the clients train on
+exactly the centralized training images (with the default 0.1 each client validates on a tenth of its shard).
+
+    python bench/bench_federated.py --data-dir ../shared/data                 # the figures in docs/federated.md
+    python bench/bench_federated.py --repeats 1 -- trainer.limit_train_batches=5   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(script: str, args: list[str], env: dict[str, str], out: Path) -> dict[str, Any]:
+    """Wall and CPU seconds of one run of ``script`` writing into ``out``."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    res = subprocess.run([sys.executable, str(ROOT / script), *args, f"hydra.run.dir={out}"], env=env,
+                         capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if res.returncode != 0:
+        raise SystemExit(f"{script} failed:\n{res.stderr[-3000:]}")
+    metrics = json.loads((out / "metrics.json").read_text())
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {"wall": wall, "cpu": cpu, "test/acc": metrics.get("test/acc"), "out": str(out)}
+
+
+def round_split(out: Path) -> dict[str, float]:
+    with open(out / "rounds.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    total = sum(float(r["seconds"]) for r in rows)
+    fit = sum(float(r["fit_seconds"]) for r in rows)
+    ev = sum(float(r["eval_seconds"]) for r in rows)
+    return {"rounds_s": total, "fit_s": fit, "eval_s": ev, "aggregate_s": total - fit - ev}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
+    p.add_argument("--dataset", default="all_pbs")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--model", default="simple_cnn")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--clients", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--fed-args", nargs="*", default=["fl.val_fraction=0"])
+    p.add_argument("--workdir", type=Path, default=None, help="outputs and cache (default: a temporary dir)")
+    p.add_argument("extra", nargs="*", help="overrides for both runs (after --)")
+    a = p.parse_args()
+
+    work = a.workdir or Path(tempfile.mkdtemp(prefix="bench_federated_"))
+    env = {**os.environ, "BLOODFL_DATA": str(Path(a.data_dir).resolve()), "BLOODFL_CACHE": str(work / "cache"),
+           "BLOODFL_LOGS": str(work / "logs")}
+    common = [f"dataset={a.dataset}", f"dataset.image_size={a.image_size}", f"model={a.model}",
+              f"loader.batch_size={a.batch_size}", "logger=csv", *a.extra]
+    central_args = [*common, f"trainer.max_epochs={a.rounds}"]
+    fed_args = [*common, f"fl.num_clients={a.clients}", f"fl.rounds={a.rounds}", "fl.local_epochs=1",
+                "fl.partition=iid", *a.fed_args]
+    # warm the decoded-image cache so neither run pays for decoding
+    run("train.py", [*common, "trainer.fast_dev_run=true"], env, work / "warmup")
+
+    results: list[dict[str, Any]] = []
+    for rep in range(a.repeats):
+        order = ["central", "federated"] if rep % 2 == 0 else ["federated", "central"]
+        pair: dict[str, Any] = {}
+        for kind in order:
+            out = work / f"{kind}_{rep}"
+            if kind == "central":
+                pair[kind] = run("train.py", central_args, env, out)
+            else:
+                pair[kind] = {**run("federate.py", fed_args, env, out), **round_split(out)}
+            print(f"repeat {rep} {kind}: wall {pair[kind]['wall']:.1f} s, cpu {pair[kind]['cpu']:.1f} s, "
+                  f"test/acc {pair[kind]['test/acc']:.4f}", flush=True)
+        pair["ratio_wall"] = pair["federated"]["wall"] / pair["central"]["wall"]
+        pair["ratio_cpu"] = pair["federated"]["cpu"] / pair["central"]["cpu"]
+        results.append(pair)
+
+    summary = {
+        "command": " ".join(sys.argv),
+        "central_args": central_args, "federated_args": fed_args,
+        "median_ratio_wall": statistics.median(r["ratio_wall"] for r in results),
+        "median_ratio_cpu": statistics.median(r["ratio_cpu"] for r in results),
+        "repeats": results,
+    }
+    (work / "bench_federated.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps({k: v for k, v in summary.items() if k != "repeats"}, indent=2))
+    for r in results:
+        f = r["federated"]
+        print(f"federated rounds: {f['rounds_s']:.1f} s = local fits {f['fit_s']:.1f} + global test "
+              f"{f['eval_s']:.1f} + aggregation {f['aggregate_s']:.1f} (checkpoints and plots not included)")
+    print(f"median wall ratio federated/central = {summary['median_ratio_wall']:.3f} (target <= 1.15); "
+          f"details in {work / 'bench_federated.json'}")
+
+
+if __name__ == "__main__":
+    main()
