@@ -6,10 +6,12 @@
     python federate.py fl.resume=true hydra.run.dir=<the interrupted run's directory>
 """
 
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig
 
-from bloodfl.console import user_errors_exit
+from bloodfl.console import quote_group_choices, user_errors_exit
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="federate")
@@ -23,4 +25,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    quote_group_choices(Path(__file__).parent / "conf")
     main()

@@ -11,7 +11,9 @@ Target (issue 4): federated wall time <= 1.15 x centralized.
 exactly the centralized training images (with the default 0.1 each client validates on a tenth of its shard).
 
     python bench/bench_federated.py --data-dir ../shared/data                 # the figures in docs/federated.md
-    python bench/bench_federated.py --repeats 1 -- trainer.limit_train_batches=5   # a quick look
+    python bench/bench_federated.py --repeats 1 --rounds 2 --image-size 32      # a quick look
+
+Other processes on the machine distort both numbers; the load average before each run is recorded.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run(script: str, args: list[str], env: dict[str, str], out: Path) -> dict[str, Any]:
     """Wall and CPU seconds of one run of ``script`` writing into ``out``."""
+    load = os.getloadavg()[0]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     res = subprocess.run([sys.executable, str(ROOT / script), *args, f"hydra.run.dir={out}"], env=env,
@@ -44,7 +47,7 @@ def run(script: str, args: list[str], env: dict[str, str], out: Path) -> dict[st
         raise SystemExit(f"{script} failed:\n{res.stderr[-3000:]}")
     metrics = json.loads((out / "metrics.json").read_text())
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return {"wall": wall, "cpu": cpu, "test/acc": metrics.get("test/acc"), "out": str(out)}
+    return {"wall": wall, "cpu": cpu, "load_before": load, "test/acc": metrics.get("test/acc"), "out": str(out)}
 
 
 def round_split(out: Path) -> dict[str, float]:
@@ -92,8 +95,9 @@ def main() -> None:
                 pair[kind] = run("train.py", central_args, env, out)
             else:
                 pair[kind] = {**run("federate.py", fed_args, env, out), **round_split(out)}
-            print(f"repeat {rep} {kind}: wall {pair[kind]['wall']:.1f} s, cpu {pair[kind]['cpu']:.1f} s, "
-                  f"test/acc {pair[kind]['test/acc']:.4f}", flush=True)
+            r = pair[kind]
+            print(f"repeat {rep} {kind}: wall {r['wall']:.1f} s, cpu {r['cpu']:.1f} s, test/acc {r['test/acc']:.4f} "
+                  f"(load average before: {r['load_before']:.1f})", flush=True)
         pair["ratio_wall"] = pair["federated"]["wall"] / pair["central"]["wall"]
         pair["ratio_cpu"] = pair["federated"]["cpu"] / pair["central"]["cpu"]
         results.append(pair)

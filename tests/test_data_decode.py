@@ -99,6 +99,9 @@ def _write_folder(root: Path, spec: dict[str, int], junk: bool = True) -> None:
     if junk:
         (root / spec.__iter__().__next__() / ".DS_123.jpg").write_bytes(b"\x00\x01junk")
         (root / ".hidden").mkdir()
+        (root / "a" / "__MACOSX").mkdir()
+        for i in range(3):
+            (root / "a" / "__MACOSX" / f"._img_{i}.png").write_bytes(b"resource fork")
         (root / "a" / "notes.txt").write_text("not an image")
 
 
@@ -108,6 +111,8 @@ def test_folder_per_class_discovers_classes_and_skips_junk(tmp_path: Path) -> No
     assert t.classes == ["a", "b"] and t.class_counts() == {"a": 3, "b": 2}
     assert any(".DS_123.jpg" in p and "hidden or junk" in p for p in t.problems)
     assert any("notes.txt" in p and "not an image" in p for p in t.problems)
+    macosx = [p for p in t.problems if "__MACOSX" in p]
+    assert macosx == [f"skipped hidden or junk folder: {tmp_path / 'a' / '__MACOSX'}"]  # one line, not 3
     assert not any(".DS_" in r for r in t.refs)
     # fixed order from the config, case-insensitive folder match, dropped classes
     t2 = sources.folder_per_class(str(tmp_path), ["B", "A"], "mine")
@@ -148,6 +153,7 @@ def _write_rbc(root: Path, extracted: bool) -> None:
             with zipfile.ZipFile(root / f"{folder}.zip", "w") as zf:
                 for rel, data in files.items():
                     zf.writestr(rel, data)
+                    zf.writestr(f"__MACOSX/{rel}", b"resource fork")  # as macOS's Archive Utility adds
 
 
 @pytest.mark.parametrize("extracted", [False, True])
@@ -159,6 +165,7 @@ def test_rbc_reads_zips_or_extracted_folders(tmp_path: Path, extracted: bool) ->
     assert t.groups == ["S1-K1-0001", "S1-K1-0001", "S2_B1_0003", "S1-K1-0001", "T4-K1-0001 coba"]
     assert all((ZIP_SEP in r) != extracted for r in t.refs)
     assert sum("features.xls" in p for p in t.problems) == 2  # the xls of the two classes read
+    assert sum("__MACOSX" in p for p in t.problems) == (0 if extracted else 2)  # one line per zip
     images, bad = load_images(t, 16, resize="pad")
     assert images.shape == (5, 16, 16, 3) and bad == []
     assert sources.rbc_zips(str(tmp_path), RBC_CLASSES, drop_classes=[]).num_classes == 3

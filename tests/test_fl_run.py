@@ -47,6 +47,7 @@ def test_two_clients_two_rounds_outputs_and_learning(tmp_path: Path) -> None:
         assert saved[key] == pytest.approx(metrics[key])
     assert saved["test/acc"] == pytest.approx(float(rows[-1]["test/acc"]))
     assert (tmp_path / "rounds.png").stat().st_size > 0
+    assert 0.0 <= saved["test/auroc_macro"] <= 1.0 and (tmp_path / "test_confusion_matrix.csv").exists()
     assert (tmp_path / "csv" / "metrics.csv").exists()
     part = (tmp_path / "partition.csv").read_text().splitlines()
     assert part[0].startswith("client,n,elliptocyte") and len(part) == 3
@@ -122,6 +123,12 @@ def test_resume_after_interruption_is_exact(tmp_path: Path, monkeypatch: pytest.
         federate(compose_cfg([*args, "fl.resume=true"], broken, "federate"))
 
 
+def test_tuning_mode_evaluates_rounds_on_validation(tmp_path: Path) -> None:
+    metrics = federate(compose_cfg([*FL_FAST, "fl.rounds=1", "test=false"], tmp_path, "federate"))
+    assert "val/acc" in rounds(tmp_path)[0] and "test/acc" not in rounds(tmp_path)[0]
+    assert not any(k.startswith("test/") for k in metrics)
+
+
 def test_client_sampling_is_seeded() -> None:
     a = [sample_clients(7, r, 10, 0.3) for r in range(1, 6)]
     assert a == [sample_clients(7, r, 10, 0.3) for r in range(1, 6)]
@@ -173,3 +180,33 @@ def test_cli_run_and_resume_hint(tmp_path: Path) -> None:
     assert "fl.resume=true hydra.run.dir=" in log
     bad = run_cli("federate.py", [*FL_FAST, "fl.partition=by_group"], tmp_path)
     assert bad.returncode == 2 and "group key" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_dp_clients_keep_accountants_across_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    args = [*FL_FAST, "fl.rounds=3", "dp='true'", "dp.target_epsilon=null", "dp.noise_multiplier=1.0"]
+    whole = tmp_path / "whole"
+    metrics = federate(compose_cfg(args, whole, "federate"))
+    eps = [[float(r[f"client{c}/epsilon"]) for r in rounds(whole)] for c in (0, 1)]
+    assert all(e[0] < e[1] < e[2] for e in eps), eps  # cumulative over rounds
+    privacy = json.loads((whole / "privacy.json").read_text())
+    assert len(privacy["clients"]) == 2
+    assert metrics["dp/epsilon_max"] == pytest.approx(max(e[-1] for e in eps))
+
+    broken = tmp_path / "broken"
+    real_fit = FLClient.fit
+
+    def fit_then_die(self: FLClient, weights: dict, server_round: int, config: dict) -> object:
+        if server_round == 3:
+            raise KeyboardInterrupt
+        return real_fit(self, weights, server_round, config)
+
+    monkeypatch.setattr(FLClient, "fit", fit_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        federate(compose_cfg(args, broken, "federate"))
+    monkeypatch.setattr(FLClient, "fit", real_fit)
+    federate(compose_cfg([*args, "fl.resume=true"], broken, "federate"))
+    a, b = final_weights(whole), final_weights(broken)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    again = json.loads((broken / "privacy.json").read_text())
+    assert [c["epsilon"] for c in again["clients"]] == [c["epsilon"] for c in privacy["clients"]]
+    assert [c["steps"] for c in again["clients"]] == [c["steps"] for c in privacy["clients"]]

@@ -37,17 +37,19 @@ def _per_sample_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> lis
     return grads
 
 
-@pytest.mark.parametrize(("name", "size", "mode"), [
-    ("simple_cnn", 16, "hooks"), ("simple_cnn", 16, "ghost"),
-    ("resnet18", 16, "ghost"),  # out-of-place residual blocks
-    ("mobilenetv2", 32, "ghost"), ("mobilenetv2", 32, "hooks"),  # GroupNormAct, depthwise convolutions
-    ("vit_tiny", 32, "ghost"),  # TokenEmbed, 3-d linear layers
+@pytest.mark.parametrize(("name", "size", "mode", "frozen"), [
+    ("simple_cnn", 16, "hooks", False), ("simple_cnn", 16, "ghost", False),
+    ("simple_cnn", 16, "ghost", True),  # frozen backbone: both ghost passes are full backward passes
+    ("resnet18", 16, "ghost", False),  # out-of-place residual blocks
+    ("mobilenetv2", 32, "ghost", False), ("mobilenetv2", 32, "hooks", False),  # GroupNormAct, depthwise convs
+    ("vit_tiny", 32, "ghost", False),  # TokenEmbed, 3-d linear layers
 ])
-def test_optimizer_receives_clipped_per_sample_gradients(name: str, size: int, mode: str) -> None:
+def test_optimizer_receives_clipped_per_sample_gradients(name: str, size: int, mode: str, frozen: bool) -> None:
     torch.manual_seed(0)
     # a small head keeps the test fast; dropout would differ between the passes compared
     net = build_classifier(name, 3, size, head={"pool": "avg", "hidden": 32, "dropout": 0.0})
     net, _, mode = prepare_model(net, (3, size, size), mode)
+    net.backbone.requires_grad_(not frozen)
     x, y = torch.randn(BATCH, 3, size, size) * 2, torch.randint(0, 3, (BATCH,))
     raw = _per_sample_grads(net, x, y)
     norms = torch.stack([g.norm() for g in raw])

@@ -60,7 +60,7 @@ def test_multirun_two_models_each_write_metrics(tmp_path: Path) -> None:
     assert len(jobs) == 2
     models = set()
     for job in jobs:
-        models.add((job.parent / ".hydra" / "overrides.yaml").read_text().split("model=")[1].split()[0])
+        models.add((job.parent / ".hydra" / "overrides.yaml").read_text().split("model=")[1].split()[0].strip("'\""))
         assert "test/acc" in json.loads(job.read_text())
     assert models == {"simple_cnn", "resnet18"}
 

@@ -74,7 +74,9 @@ def _walk_images(folder: Path, base: Path, problems: list[str]) -> list[Path]:
     """Image files under ``folder`` (recursively, sorted); skipped files are noted in ``problems``."""
     found: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames.sort()
+        for d in sorted(d for d in dirnames if _is_junk(d)):  # e.g. __MACOSX, .ipynb_checkpoints: one line
+            problems.append(f"skipped hidden or junk folder: {Path(dirpath) / d}")
+        dirnames[:] = sorted(d for d in dirnames if not _is_junk(d))
         for fname in sorted(filenames):
             path = Path(dirpath) / fname
             rel = path.relative_to(base).as_posix()
@@ -187,12 +189,17 @@ def _zip_members(archive: Path, problems: list[str]) -> list[str]:
     except zipfile.BadZipFile as exc:
         raise BloodflError(f"{archive} is not a readable zip file ({exc}); download it again") from exc
     members = []
+    junk_dirs: dict[str, int] = {}
     for member in names:
+        junk_dir = next((p for p in member.split("/")[:-1] if _is_junk(p)), None)
         reason = skip_reason(member)
         if reason is None:
             members.append(member)
+        elif junk_dir is not None:  # a macOS-made zip has a __MACOSX/ twin of every file: one line for all
+            junk_dirs[junk_dir] = junk_dirs.get(junk_dir, 0) + 1
         else:
             problems.append(f"skipped {reason}: {archive}{ZIP_SEP}{member}")
+    problems += [f"skipped {n} files in hidden or junk folder {d}/: {archive}" for d, n in junk_dirs.items()]
     return members
 
 

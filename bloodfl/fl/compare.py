@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -25,9 +26,11 @@ from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import HydraException
 from omegaconf import DictConfig, open_dict
 
-from bloodfl.console import user_errors_exit
+from bloodfl.console import quote_group_choices, user_errors_exit
+from bloodfl.errors import BloodflError
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 ROWS = ("test/acc", "test/f1_macro", "test/precision_macro", "test/recall_macro", "test/loss")
@@ -35,8 +38,11 @@ ROWS = ("test/acc", "test/f1_macro", "test/precision_macro", "test/recall_macro"
 
 def _compose(config_name: str, overrides: Sequence[str], out: Path) -> DictConfig:
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name=config_name, overrides=list(overrides))
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name=config_name, overrides=list(overrides))
+    except HydraException as exc:  # a mistyped override: one line, as from train.py
+        raise BloodflError(f"{config_name}: {str(exc).splitlines()[0]}") from exc
     with open_dict(cfg):
         cfg.paths.output_dir = str(out)
     return cfg
@@ -110,12 +116,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. dataset=all_pbs fl.rounds=10")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
-    import os
-
     out = args.out or Path(os.environ.get("BLOODFL_LOGS", "logs")) / "compare" / datetime.now().strftime(
         "%Y-%m-%d_%H-%M-%S_%f")
     out.mkdir(parents=True, exist_ok=True)
-    compare(args.overrides, out)
+    argv = ["compare", *args.overrides]
+    quote_group_choices(CONF_DIR, argv)  # dp=true, split=721 as group choices, as train.py/federate.py do
+    compare(argv[1:], out)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ log = logging.getLogger("bloodfl")
 
 CHECKPOINT_DIR = "checkpoints"
 _CKPT_RE = re.compile(r"round_(\d+)\.pt$")
-GLOBAL_METRICS = ("test/loss", "test/acc", "test/f1_macro", "test/precision_macro", "test/recall_macro")
+GLOBAL_METRICS = ("loss", "acc", "f1_macro", "precision_macro", "recall_macro")  # of the global model, per round
 
 
 @dataclass
@@ -110,36 +110,40 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 # ---- rounds.csv and the plot ------------------------------------------------------------------------------
 
-def rounds_columns(num_clients: int) -> list[str]:
-    cols = ["round", *GLOBAL_METRICS, "clients", "examples", "seconds", "fit_seconds", "eval_seconds"]
+def rounds_columns(num_clients: int, private: bool = False, split: str = "test") -> list[str]:
+    """rounds.csv's header; ``private``: with each client's cumulative DP epsilon."""
+    cols = ["round", *(f"{split}/{m}" for m in GLOBAL_METRICS),
+            "clients", "examples", "seconds", "fit_seconds", "eval_seconds"]
     for c in range(num_clients):
         cols += [f"client{c}/examples", *(f"client{c}/{k}" for k in LOCAL_METRICS)]
+        cols += [f"client{c}/epsilon"] if private else []
     return cols
 
 
-def write_rounds_csv(path: Path, history: Sequence[dict[str, Any]], num_clients: int) -> None:
+def write_rounds_csv(path: Path, history: Sequence[dict[str, Any]], num_clients: int,
+                     private: bool = False, split: str = "test") -> None:
     tmp = path.with_suffix(".csv.tmp")
     with open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=rounds_columns(num_clients), extrasaction="ignore")
+        w = csv.DictWriter(fh, fieldnames=rounds_columns(num_clients, private, split), extrasaction="ignore")
         w.writeheader()
         w.writerows(history)
     os.replace(tmp, path)
 
 
-def plot_rounds(path: Path, history: Sequence[dict[str, Any]]) -> None:
-    """Global test accuracy (and macro F1) and loss per round, side by side (papers/000 Fig. 13)."""
+def plot_rounds(path: Path, history: Sequence[dict[str, Any]], split: str = "test") -> None:
+    """Global accuracy (and macro F1) and loss per round on ``split``, side by side (papers/000 Fig. 13)."""
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, safe in threads and on servers
     from matplotlib.ticker import MaxNLocator
 
     rounds = [h["round"] for h in history]
     fig = Figure(figsize=(9, 3.5), layout="constrained")
     ax_acc, ax_loss = fig.subplots(1, 2)
-    ax_acc.plot(rounds, [h["test/acc"] for h in history], marker="o", label="accuracy")
-    if all("test/f1_macro" in h for h in history):
-        ax_acc.plot(rounds, [h["test/f1_macro"] for h in history], marker=".", ls="--", label="macro F1")
-    ax_acc.set(xlabel="communication round", ylabel="global model, test set", title="accuracy")
+    ax_acc.plot(rounds, [h[f"{split}/acc"] for h in history], marker="o", label="accuracy")
+    if all(f"{split}/f1_macro" in h for h in history):
+        ax_acc.plot(rounds, [h[f"{split}/f1_macro"] for h in history], marker=".", ls="--", label="macro F1")
+    ax_acc.set(xlabel="communication round", ylabel=f"global model, {split} set", title="accuracy")
     ax_acc.legend()
-    ax_loss.plot(rounds, [h["test/loss"] for h in history], marker="o", color="tab:red")
+    ax_loss.plot(rounds, [h[f"{split}/loss"] for h in history], marker="o", color="tab:red")
     ax_loss.set(xlabel="communication round", ylabel="cross-entropy", title="loss")
     for ax in (ax_acc, ax_loss):
         ax.grid(alpha=0.3)
@@ -154,12 +158,14 @@ class Simulation:
 
     meta: anything the caller wants stored in every checkpoint (e.g. a config fingerprint to check on resume).
     loggers: Lightning loggers that get each round's global metrics (step = round).
+    eval_split: where the global model is evaluated after every round: "test" (papers/000 Fig. 13) or "val"
+        (while tuning, so no decision looks at the test set).
     """
 
     def __init__(self, clients: Sequence[FLClient], strategy: Strategy, evaluator: GlobalEvaluator,
                  settings: RoundSettings, out_dir: str | Path, initial_weights: Weights,
                  meta: dict[str, Any] | None = None, loggers: Sequence[Any] = (),
-                 on_round_end: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 on_round_end: Callable[[dict[str, Any]], None] | None = None, eval_split: str = "test") -> None:
         self.clients = list(clients)
         self.strategy = strategy
         self.evaluator = evaluator
@@ -169,6 +175,7 @@ class Simulation:
         self.meta = dict(meta or {})
         self.loggers = list(loggers)
         self.on_round_end = on_round_end
+        self.eval_split = eval_split
         self.history: list[dict[str, Any]] = []
         self.completed = 0
 
@@ -181,7 +188,7 @@ class Simulation:
         self.history = list(state["history"])
         self.completed = int(state["round"])
         _set_rng_states(state["rng"])
-        write_rounds_csv(self.out_dir / "rounds.csv", self.history, len(self.clients))
+        self._write_csv()
 
     def replay_to_loggers(self) -> None:
         """Log the restored rounds again (a resumed CSVLogger starts a fresh metrics.csv)."""
@@ -205,9 +212,11 @@ class Simulation:
         t_fit = time.perf_counter()
         self.weights = self.strategy.aggregate_fit(r, self.weights, results)
         t_agg = time.perf_counter()
-        metrics = self.evaluator.evaluate(self.weights, "test")
+        split = self.eval_split
+        metrics = self.evaluator.evaluate(self.weights, split)
         t_eval = time.perf_counter()
-        row: dict[str, Any] = {"round": r, **{k: metrics[k] for k in GLOBAL_METRICS if k in metrics},
+        row: dict[str, Any] = {"round": r, **{f"{split}/{m}": metrics[f"{split}/{m}"] for m in GLOBAL_METRICS
+                                              if f"{split}/{m}" in metrics},
                                "clients": " ".join(map(str, sampled)),
                                "examples": sum(res.num_examples for res in results),
                                "seconds": round(t_eval - t0, 3), "fit_seconds": round(t_fit - t0, 3),
@@ -215,18 +224,29 @@ class Simulation:
         for c, res in zip(sampled, results):
             row[f"client{c}/examples"] = res.num_examples
             row.update({f"client{c}/{k}": v for k, v in res.metrics.items()})
+        for client in self.clients:
+            if client.privacy is not None:  # cumulative over all rounds, also for clients not sampled
+                row[f"client{client.cid}/epsilon"] = client.privacy.epsilon()
         self.history.append(row)
         self.completed = r
         self._checkpoint(r)
-        write_rounds_csv(self.out_dir / "rounds.csv", self.history, len(self.clients))
-        plot_rounds(self.out_dir / "rounds.png", self.history)
+        self._write_csv()
+        plot_rounds(self.out_dir / "rounds.png", self.history, split)
         self._log(row)
-        log.info("round %d/%d: test/loss=%.4f test/acc=%.4f (%d clients, %.1f s)", r, s.rounds,
-                 row.get("test/loss", float("nan")), row.get("test/acc", float("nan")), len(sampled),
+        log.info("round %d/%d: %s/loss=%.4f %s/acc=%.4f (%d clients, %.1f s)", r, s.rounds, split,
+                 row.get(f"{split}/loss", float("nan")), split, row.get(f"{split}/acc", float("nan")), len(sampled),
                  row["seconds"])
         if self.on_round_end is not None:
             self.on_round_end(row)
         return row
+
+    @property
+    def private(self) -> bool:
+        return any(c.privacy is not None for c in self.clients)
+
+    def _write_csv(self) -> None:
+        write_rounds_csv(self.out_dir / "rounds.csv", self.history, len(self.clients), self.private,
+                         self.eval_split)
 
     def _checkpoint(self, r: int) -> None:
         state = {"round": r, "weights": self.weights, "strategy": self.strategy.state_dict(),

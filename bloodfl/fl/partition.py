@@ -156,8 +156,8 @@ def save_partition_csv(path: str | Path, counts: np.ndarray, classes: Sequence[s
 
 
 def print_partition(counts: np.ndarray, classes: Sequence[str], title: str = "partition") -> None:
-    """The per-client class counts as a rich table (a total row at the bottom)."""
-    import rich
+    """The per-client class counts as a rich table (a total row at the bottom), never truncated."""
+    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=title)
@@ -169,4 +169,5 @@ def print_partition(counts: np.ndarray, classes: Sequence[str], title: str = "pa
         table.add_row(str(cid), str(int(row.sum())), *(str(int(v)) for v in row))
     total = counts.sum(axis=0)
     table.add_row("all", str(int(total.sum())), *(str(int(v)) for v in total), style="bold")
-    rich.print(table)
+    width = 16 + sum(max(len(str(c)), len(str(int(total.max())))) + 3 for c in classes)
+    Console(width=max(80, width)).print(table)  # class names in full even when stdout is not a terminal

@@ -23,11 +23,13 @@ from bloodfl.console import print_config_tree
 from bloodfl.data.checks import class_weights
 from bloodfl.data.datamodule import ArrayDataModule, BloodDataModule
 from bloodfl.errors import BloodflError
+from bloodfl.evaluation.report import class_report
 from bloodfl.fl.client import FLClient, carve_validation
 from bloodfl.fl.evaluator import GlobalEvaluator
 from bloodfl.fl.loop import RoundSettings, Simulation, checkpoint_path, list_checkpoints, load_checkpoint
 from bloodfl.fl.partition import class_count_table, partition, print_partition, save_partition_csv
-from bloodfl.fl.strategy import build_strategy, weights_of
+from bloodfl.fl.strategy import Weights, build_strategy, weights_of
+from bloodfl.privacy.integration import attach_client_privacy, dp_settings, privacy_summary, write_privacy_json
 from bloodfl.training.module import ClassifierModule
 from bloodfl.training.run import build_datamodule, build_module, close_loggers, instantiate_all
 
@@ -132,19 +134,15 @@ def build_clients(cfg: DictConfig, dm: BloodDataModule, shards: list[Any], templ
     return clients
 
 
-def _check_dp(cfg: DictConfig, client_hook: ClientHook | None) -> None:
-    dp = cfg.get("dp")
-    if dp is not None and isinstance(dp, DictConfig) and dp.get("enabled") and client_hook is None:
-        raise BloodflError("dp is enabled but this federate entry point has no DP client hook yet; set dp=false")
-
-
 def federate(cfg: DictConfig, client_hook: ClientHook | None = None) -> dict[str, Any]:
     """Run (or resume) a federated simulation; returns the final metrics written to metrics.json.
 
-    client_hook(client, cfg): called once per client after it is built, e.g. to attach ``client.privacy``.
+    client_hook(client, cfg): called once per client after it is built, e.g. to attach ``client.privacy``;
+    with dp=true and no hook given, bloodfl.privacy's ``attach_client_privacy`` (one accountant per client).
     """
     print_config_tree(cfg)
-    _check_dp(cfg, client_hook)
+    if client_hook is None and dp_settings(cfg) is not None:
+        client_hook = attach_client_privacy
     fl = cfg.fl
     settings = RoundSettings(rounds=int(fl.rounds), local_epochs=int(fl.local_epochs),
                              fraction_fit=float(fl.fraction_fit), seed=int(cfg.seed),
@@ -186,8 +184,9 @@ def federate(cfg: DictConfig, client_hook: ClientHook | None = None) -> dict[str
     strategy = build_strategy(str(fl.strategy), mu=float(fl.mu), eta=fl.get("server_lr"))
     strategy.initialize(initial, param_names=[n for n, p in global_module.net.named_parameters() if p.requires_grad])
     loggers = instantiate_all(cfg.get("logger"))
+    eval_split = "test" if cfg.get("test", True) else "val"
     sim = Simulation(clients, strategy, evaluator, settings, out, initial, meta={"fingerprint": fp},
-                     loggers=loggers)
+                     loggers=loggers, eval_split=eval_split)
     if state is not None:
         sim.restore(state)
     try:
@@ -195,7 +194,11 @@ def federate(cfg: DictConfig, client_hook: ClientHook | None = None) -> dict[str
             lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         sim.replay_to_loggers()
         final = sim.run()
-        metrics = _final_metrics(sim, evaluator, final, out)
+        metrics = _final_metrics(sim, evaluator, final, out, dm.classes)
+        privacies = [c.privacy for c in sim.clients if c.privacy is not None]
+        if privacies:
+            doc = write_privacy_json(out / "privacy.json", privacies, OmegaConf.to_container(cfg.dp, resolve=True))
+            metrics["dp/epsilon_max"], metrics["dp/delta"] = doc["worst"]["epsilon"], doc["worst"]["delta"]
         for lg in loggers:
             lg.log_metrics({k: v for k, v in metrics.items() if isinstance(v, float)}, step=settings.rounds)
             lg.finalize("success")
@@ -203,17 +206,28 @@ def federate(cfg: DictConfig, client_hook: ClientHook | None = None) -> dict[str
         close_loggers(loggers)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     shown = " ".join(f"{k}={metrics[k]:.4f}" for k in ("test/acc", "test/f1_macro") if k in metrics)
+    if privacies:
+        shown += " " + privacy_summary(privacies)
     log.info("outputs in %s %s", out, shown)
     print(f"Done: outputs in {out} {shown}")
     return metrics
 
 
-def _final_metrics(sim: Simulation, evaluator: GlobalEvaluator, final: dict[str, Any], out: Path) -> dict[str, Any]:
-    """Test metrics of the final global model (its last round), validation metrics on the central val split."""
-    last = sim.history[-1]
-    metrics: dict[str, Any] = {k: float(v) for k, v in last.items() if k.startswith("test/")}
+def _final_metrics(sim: Simulation, evaluator: GlobalEvaluator, final: Weights, out: Path,
+                   classes: list[str]) -> dict[str, Any]:
+    """The final global model on the central validation split and (unless test=false) the test split, with
+    the per-class report train() writes (test_per_class.csv, test_confusion_matrix.csv)."""
+    metrics: dict[str, Any] = {}
     if evaluator.has("val"):  # for sweeps: an optimised metric that is not a test value
         metrics.update(evaluator.evaluate(final, "val"))
+    if sim.eval_split == "test":
+        metrics.update({k: float(v) for k, v in sim.history[-1].items() if k.startswith("test/")})
+        module = evaluator.module
+        if module.test_probs is None:  # resumed after the last round: predictions were not kept
+            evaluator.evaluate(final, "test")
+        report = class_report(module.test_probs, module.test_targets, classes)
+        report.write(out)
+        metrics["test/auroc_macro"] = report.auroc_macro
     s = sim.settings
     metrics.update({"rounds": s.rounds, "local_epochs": s.local_epochs, "num_clients": len(sim.clients),
                     "strategy": sim.strategy.name, "final_checkpoint": str(checkpoint_path(out, s.rounds))})

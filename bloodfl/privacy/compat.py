@@ -39,17 +39,20 @@ from bloodfl.privacy.norms import ghost_norm_samplers
 
 
 def make_dp_compatible(model: nn.Module) -> tuple[nn.Module, list[str]]:
-    """Return ``model`` (changed in place) fit for Opacus, and one human-readable line per kind of change."""
+    """Return ``model`` made fit for Opacus (changed in place, or a fixed copy), and one human-readable line
+    per kind of change."""
     changes: list[str] = []
     changes += _replace_batchnorm(model)
     changes += _disable_inplace(model)
     changes += _out_of_place_residuals(model)
     changes += _wrap_vit_tokens(model)
-    # anything else Opacus knows how to fix (e.g. LSTM -> DPLSTM, MultiheadAttention -> DPMultiheadAttention)
-    before = Counter(type(m).__name__ for m in model.modules())
-    model = ModuleValidator.fix(model)
-    after = Counter(type(m).__name__ for m in model.modules())
-    changes += [f"Opacus replaced {n} {name}" for name, n in (before - after).items()]
+    if ModuleValidator.validate(model, strict=False):
+        # anything else Opacus knows how to fix (LSTM -> DPLSTM, MultiheadAttention -> DPMultiheadAttention);
+        # its fix returns a copy, which is why callers must use the returned model
+        before = Counter(type(m).__name__ for m in model.modules())
+        model = ModuleValidator.fix(model)
+        after = Counter(type(m).__name__ for m in model.modules())
+        changes += [f"Opacus replaced {n} {name}" for name, n in (before - after).items()]
     errors = ModuleValidator.validate(model, strict=False)
     if errors:
         raise BloodflError(f"model cannot be trained with DP: {_first_line(errors[0])}; use another model "
@@ -225,8 +228,11 @@ def _group_norm_act_grad_sample(layer: GroupNormAct, activations: list[torch.Ten
     if not isinstance(layer.act, nn.Identity):
         # chain the output gradient back through the (elementwise) activation to the affine output
         shape = (1, -1) + (1,) * (normed.dim() - 2)
+        pre = normed
+        if layer.weight is not None:  # affine
+            pre = normed * layer.weight.detach().view(shape) + layer.bias.detach().view(shape)
         with torch.enable_grad():
-            pre = (normed * layer.weight.detach().view(shape) + layer.bias.detach().view(shape)).requires_grad_()
+            pre = pre.detach().requires_grad_()
             (backprops,) = torch.autograd.grad(layer.act(pre), pre, backprops)
     grads: dict[nn.Parameter, torch.Tensor] = {}
     if layer.weight is not None and layer.weight.requires_grad:
@@ -240,25 +246,58 @@ def check_private(model: nn.Module, input_shape: tuple[int, ...], grad_sample_mo
     """Dry run on a copy: attach Opacus hooks, run one backward on 2 random samples, and check that every
     trainable parameter got a per-sample gradient. Raises BloodflError naming the offending layer."""
     probe = copy.deepcopy(model).train()
+    _check_no_buffers(probe)
     kwargs = {"max_grad_norm": 1.0} if grad_sample_mode == "ghost" else {}
     try:
         gsm = get_gsm_class(grad_sample_mode)(probe, batch_first=True, loss_reduction="sum", **kwargs)
-        if grad_sample_mode == "ghost":
-            gsm.NORM_SAMPLERS = ghost_norm_samplers()  # the rules PrivateTraining uses
     except NotImplementedError as exc:  # Opacus reports unsupported layers as a list of errors
         raise BloodflError(f"model cannot be trained with DP: {_first_line(exc)}; use another model or "
                            "dp=false") from exc
+    if grad_sample_mode == "ghost":
+        gsm.NORM_SAMPLERS = ghost_norm_samplers()  # the rules PrivateTraining uses
+    stack: list[str] = []  # the layers whose forward is running: on an error, the last one is the culprit
+    ran: set[str] = set()
+
+    def enter(name: str) -> None:
+        stack.append(name)
+        ran.add(name)
+
+    handles = [h for name, m in probe.named_modules() for h in (
+        m.register_forward_pre_hook(lambda *_, n=name: enter(n)),
+        m.register_forward_hook(lambda *_: None if stack.pop() else None))]  # a hook's result replaces outputs
     try:
-        out = gsm(torch.randn(2, *input_shape))
-        out.float().square().sum().backward()
+        x = torch.randn(2, *input_shape, requires_grad=grad_sample_mode == "ghost")
+        loss = gsm(x).float().square().sum()
+        if grad_sample_mode == "ghost":  # as PrivateTraining's first pass: the input's gradient only
+            torch.autograd.grad(loss, x)
+        else:
+            loss.backward()
     except RuntimeError as exc:
-        raise BloodflError(f"model fails under DP hooks ({_first_line(exc)}): a layer probably modifies its "
-                           "input in place; use another model or dp=false") from exc
+        where = f"layer {stack[-1]!r} ({type(probe.get_submodule(stack[-1])).__name__})" if stack else "a layer"
+        raise BloodflError(f"{where} fails under DP's per-sample hooks ({_first_line(exc)[:160]}): it probably "
+                           "modifies a tensor in place; use another model or dp=false") from exc
     finally:
+        for h in handles:
+            h.remove()
         gsm.remove_hooks()
     attr = "_norm_sample" if grad_sample_mode == "ghost" else "grad_sample"
     missing = [n for n, p in probe.named_parameters() if p.requires_grad and getattr(p, attr, None) is None]
     if missing:
-        raise BloodflError(f"DP cannot compute per-sample gradients of {missing[0]!r}"
-                           f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}: the layer that "
-                           "owns it is not called through forward(); freeze it or use another model")
+        # parameters held directly by a module whose forward() never ran (e.g. a backbone used through
+        # forward_features) get no per-sample gradient; Opacus then loses the others too, so name those first
+        owners = [n.rpartition(".")[0] for n in missing]
+        culprits = [n for n, o in zip(missing, owners) if o not in ran] or missing
+        owner = culprits[0].rpartition(".")[0]
+        raise BloodflError(f"DP cannot compute per-sample gradients of {', '.join(culprits[:3])}: they belong to "
+                           f"{owner!r} ({type(probe.get_submodule(owner)).__name__}), whose forward() is not "
+                           "called; move them into a submodule, freeze them, or use another model")
+
+
+def _check_no_buffers(model: nn.Module) -> None:
+    """Opacus' strict rule, with a readable message: a trainable layer must not keep running statistics."""
+    for name, m in model.named_modules():
+        trainable = any(p.requires_grad for p in m.parameters(recurse=False))
+        if trainable and any(True for _ in m.buffers(recurse=False)):
+            raise BloodflError(f"layer {name!r} ({type(m).__name__}) keeps running statistics across samples, "
+                               "which DP-SGD cannot train; make_dp_compatible replaces the known ones (BatchNorm); "
+                               "use another model or dp=false")

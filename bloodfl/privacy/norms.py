@@ -21,9 +21,11 @@ from opacus.utils.tensor_utils import unfold2d
 from torch import nn
 
 
-def conv2d_norm_sample(layer: nn.Conv2d, activations: list[torch.Tensor],
-                       backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
-    """Per-sample L2 norms of a Conv2d's weight and bias gradients, shape (batch,) each."""
+def conv2d_norm_sample(layer: nn.Conv2d, activations: list[torch.Tensor], backprops: torch.Tensor,
+                       form: str = "auto") -> dict[nn.Parameter, torch.Tensor]:
+    """Per-sample L2 norms of a Conv2d's weight and bias gradients, shape (batch,) each.
+
+    form: "auto" (the cheaper formula), "ghost" or "materialized" (both exact; forced in tests)."""
     n, groups = backprops.shape[0], layer.groups
     g = backprops.reshape(n, groups, layer.out_channels // groups, -1)  # (n, G, O_g, T)
     norms: dict[nn.Parameter, torch.Tensor] = {}
@@ -32,7 +34,9 @@ def conv2d_norm_sample(layer: nn.Conv2d, activations: list[torch.Tensor],
                      stride=layer.stride, dilation=layer.dilation)
         a = a.reshape(n, groups, -1, a.shape[-1])  # (n, G, P_g, T): channels of a group are contiguous
         positions, out_g, in_g = g.shape[-1], g.shape[2], a.shape[2]
-        if positions * positions * (out_g + in_g) < out_g * in_g * positions:
+        ghost = positions * positions * (out_g + in_g) < out_g * in_g * positions if form == "auto" else \
+            form == "ghost"
+        if ghost:
             sq = (g.transpose(-1, -2) @ g).mul_(a.transpose(-1, -2) @ a).sum(dim=(1, 2, 3))
         else:
             sq = (g @ a.transpose(-1, -2)).square_().sum(dim=(1, 2, 3))

@@ -1,0 +1,103 @@
+"""``federate.py dp=true``: each client's cumulative ε per round as Opacus computes it, the target met by every
+client, privacy.json, and the real all_pbs command. (Exact resume of DP accountants is checked in
+tests/test_fl_run.py::test_dp_clients_keep_accountants_across_resume.)"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from opacus.accountants import RDPAccountant
+
+from bloodfl.errors import BloodflError
+from bloodfl.fl.run import federate
+from tests.conftest import compose_cfg, run_cli, shared_data_dir
+
+BATCH = 8
+FL_DP = ["dataset=synthetic", "dataset.image_size=16", "dataset.source.n_per_class=16", f"loader.batch_size={BATCH}",
+         "logger=csv", "fl.num_clients=3", "dp='true'"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine OpenMP spinning makes small models 10-50x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _rounds(out: Path) -> list[dict[str, str]]:
+    with open(out / "rounds.csv") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _batches(n: int) -> int:
+    return n // BATCH if n > BATCH else 1  # the training loader drops the last partial batch when it can
+
+
+def test_each_clients_epsilon_per_round_is_what_opacus_computes(tmp_path: Path) -> None:
+    sigma, rounds, epochs = 1.2, 3, 2
+    cfg = compose_cfg([*FL_DP, "dp.target_epsilon=null", f"dp.noise_multiplier={sigma}", f"fl.rounds={rounds}",
+                       f"fl.local_epochs={epochs}", "fl.partition=random_size"], tmp_path, "federate")
+    federate(cfg)
+    rows = _rounds(tmp_path)
+    doc = json.loads((tmp_path / "privacy.json").read_text())
+    for c in range(3):
+        n = int(rows[0][f"client{c}/examples"])
+        batches, delta = _batches(n), min(1e-5, 0.1 / n)
+        eps = [float(r[f"client{c}/epsilon"]) for r in rows]
+        for k, e in enumerate(eps, start=1):
+            acc = RDPAccountant()
+            acc.history = [(sigma, 1 / batches, k * epochs * batches)]
+            assert e == pytest.approx(acc.get_epsilon(delta), rel=1e-9)
+        assert eps == sorted(set(eps))  # strictly growing
+        report = doc["clients"][c]
+        assert report["epsilon"] == eps[-1] and report["steps"] == rounds * epochs * batches
+    assert doc["worst"]["epsilon"] == max(r["epsilon"] for r in doc["clients"])
+
+
+def test_every_client_meets_the_target(tmp_path: Path) -> None:
+    cfg = compose_cfg([*FL_DP, "dp.target_epsilon=2.0", "fl.rounds=2", "fl.partition=random_size"], tmp_path,
+                      "federate")
+    metrics = federate(cfg)
+    doc = json.loads((tmp_path / "privacy.json").read_text())
+    sizes = {c["num_samples"] for c in doc["clients"]}
+    assert len(sizes) > 1  # unequal clients get their own noise for the same target
+    for c in doc["clients"]:
+        assert 1.6 <= c["epsilon"] <= 2.0, c
+    assert metrics["dp/epsilon_max"] == doc["worst"]["epsilon"] <= 2.0
+
+
+def test_resume_cannot_stretch_a_calibrated_budget(tmp_path: Path) -> None:
+    federate(compose_cfg([*FL_DP, "dp.target_epsilon=2.0", "fl.rounds=1", "fl.keep_checkpoints=1"],
+                         tmp_path, "federate"))
+    (tmp_path / "metrics.json").unlink()  # pretend round 1 of 2 was interrupted, then ask for more rounds
+    with pytest.raises(BloodflError, match="noise_multiplier.*target_epsilon"):
+        federate(compose_cfg([*FL_DP, "dp.target_epsilon=2.0", "fl.rounds=2", "fl.resume=true"], tmp_path,
+                             "federate"))
+
+
+DATA = shared_data_dir()
+
+
+@pytest.mark.realdata
+@pytest.mark.skipif(DATA is None, reason="real data sets not found: put them in ../shared/data or set BLOODFL_DATA")
+def test_federate_all_pbs_dp_true_command(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    res = run_cli("federate.py", ["dataset=all_pbs", "dp=true", "dataset.image_size=32", "fl.rounds=2",
+                                  "fl.num_clients=3", "trainer.limit_val_batches=2", "trainer.limit_test_batches=4",
+                                  f"hydra.run.dir={out}"], tmp_path,
+                  env={"BLOODFL_DATA": str(DATA), "OMP_NUM_THREADS": "1"}, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "DP: epsilon=" in res.stdout and "worst client" in res.stdout
+    doc = json.loads((out / "privacy.json").read_text())
+    assert len(doc["clients"]) == 3
+    for c in doc["clients"]:  # dp=true's default budget, all planned steps taken
+        assert 0.8 * 8.0 <= c["epsilon"] <= 8.0 and c["steps"] == c["planned_steps"]
+        assert c["delta"] < 1 / c["num_samples"]
+    rows = _rounds(out)
+    assert all(float(rows[0][f"client{c}/epsilon"]) < float(rows[1][f"client{c}/epsilon"]) for c in range(3))
