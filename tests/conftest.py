@@ -65,3 +65,14 @@ def run_cli(script: str, args: Sequence[str], tmp_path: Path, env: dict[str, str
                 **(env or {})}
     return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=tmp_path, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine OpenMP spinning makes small models 10-50x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

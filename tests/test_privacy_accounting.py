@@ -17,13 +17,7 @@ from bloodfl.privacy.engine import ClientPrivacy, DPSettings
 N, BATCH, EPOCHS = 40, 8, 2
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP spinning makes small models 10-50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _loader(n: int = N, batch: int = BATCH, drop_last: bool = False, seed: int = 0) -> DataLoader:

@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from opacus.accountants import RDPAccountant
 
 from bloodfl.errors import BloodflError
@@ -21,13 +20,7 @@ FL_DP = ["dataset=synthetic", "dataset.image_size=16", "dataset.source.n_per_cla
          "logger=csv", "fl.num_clients=3", "dp='true'"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP spinning makes small models 10-50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rounds(out: Path) -> list[dict[str, str]]:

@@ -23,14 +23,7 @@ from bloodfl.privacy.compat import (
 )
 from bloodfl.privacy.engine import ClientPrivacy, DPSettings, prepare_model
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP spinning makes small models 10-50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 FAMILIES = [  # (registry name, smallest fast image size, a change make_dp_compatible must report)

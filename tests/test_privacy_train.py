@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from opacus.accountants import RDPAccountant
 
 from bloodfl.training.run import train
@@ -16,13 +15,7 @@ from tests.conftest import FAST, compose_cfg, run_cli
 BATCH = 8
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP spinning makes small models 10-50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _train_count(out: Path) -> int:
