@@ -1,13 +1,15 @@
 """How fast is the data pipeline, and does the decoded-image cache make real data as cheap as tensors in memory?
 
-Three ways to feed the same training split of a real data set (default: pbc at 64 px):
-  random    uint8 tensors already in memory (the floor: no data cost at all)
-  cached    the real path: BloodDataModule over the memory-mapped decoded-image cache
-  uncached  decode every JPEG from its file in every epoch (a plain file Dataset, as without the cache)
+Four ways to feed the same training split of a real data set (default: pbc at 64 px):
+  random     random uint8 tensors already in memory (the floor: no data cost at all)
+  in_memory  the real decoded images, already in memory (separates "real pixels" from "cache" effects)
+  cached     the real path: BloodDataModule over the memory-mapped decoded-image cache
+  uncached   decode every JPEG from its file in every epoch (a plain file Dataset, as without the cache)
 For each it measures images/s of the pipeline alone (a pass over the train loader, including conversion to
 normalized float) and of a full training epoch of a model (default resnet18), as Lightning runs it.
-The variants alternate within every repeat, so the ratios compare runs made under the same machine load;
-the report gives medians over the repeats. Target: cached epoch <= 1.1 x random epoch.
+The variants alternate within every repeat (in an order rotated from repeat to repeat), so the ratios
+compare runs made under similar machine load; the report gives medians over the repeats.
+Target: cached epoch <= 1.1 x random epoch.
 
     python bench/bench_data_pipeline.py --data-dir ../shared/data            # the figures in docs/data.md
     python bench/bench_data_pipeline.py --repeats 1 --limit-batches 20       # a quick look
@@ -41,7 +43,7 @@ from bloodfl.data.io import read_bytes  # noqa: E402
 from bloodfl.models import build_classifier  # noqa: E402
 from bloodfl.training.module import ClassifierModule  # noqa: E402
 
-VARIANTS = ("random", "cached", "uncached")
+VARIANTS = ("random", "in_memory", "cached", "uncached")
 
 
 class FileImages(Dataset):
@@ -117,9 +119,11 @@ def build_modules(args: argparse.Namespace, cache_dir: str) -> tuple[dict[str, A
     idx = dict(train_idx=cached.idx["train"], val_idx=cached.idx["val"], test_idx=cached.idx["test"])
     random = ArrayDataModule(images=rng.integers(0, 256, cached.images.shape, dtype=np.uint8),
                              labels=cached.labels, classes=cached.classes, **idx, **common)
+    in_memory = ArrayDataModule(images=np.array(cached.images), labels=cached.labels, classes=cached.classes,
+                                **idx, **common)
     uncached = FileDataModule(cached.table.refs, args.image_size, cfg.dataset.resize, labels=cached.labels,
                               classes=cached.classes, **idx, **common)
-    return {"random": random, "cached": cached, "uncached": uncached}, once
+    return {"random": random, "in_memory": in_memory, "cached": cached, "uncached": uncached}, once
 
 
 def pipeline_pass(dm: ArrayDataModule, limit: int | None) -> float:
@@ -173,7 +177,9 @@ def main() -> None:
             training_epoch(modules["random"], argparse.Namespace(**{**vars(args), "limit_batches": 3}))
         once["loadavg_1min_start"] = os.getloadavg()[0]
         for r in range(args.repeats):
-            for v in VARIANTS:  # alternate, so every repeat compares the variants under similar load
+            # alternate, so every repeat compares the variants under similar load; rotate, so none always
+            # runs right after another
+            for v in VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]:
                 runs[v]["pipeline"].append(pipeline_pass(modules[v], args.limit_batches))
                 line = f"repeat {r + 1}/{args.repeats} {v:8s} pipeline {runs[v]['pipeline'][-1]:8.0f} img/s"
                 if not args.skip_training:
