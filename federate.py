@@ -1,7 +1,7 @@
 """Federated training (simulated clients, FedAvg by default). Examples:
 
     python federate.py                                               # 5 iid clients on synthetic data
-    python federate.py dataset=all_pbs dataset.image_size=64
+    python federate.py dataset=all_pbs dp=true                       # DP-SGD in every client (docs/privacy.md)
     python federate.py dataset=rbc fl.partition=random_size fl.rounds=50 fl.local_epochs=1   # papers/000
     python federate.py fl.resume=true hydra.run.dir=<the interrupted run's directory>
 """
@@ -11,19 +11,20 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from bloodfl.console import quote_group_choices, user_errors_exit
+from bloodfl.console import bool_group_choices, quiet_known_notices, task_wrapper
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="federate")
-@user_errors_exit
+@task_wrapper
 def main(cfg: DictConfig) -> float | None:
     from bloodfl.fl.run import federate
 
     metrics = federate(cfg)
     value = metrics.get(cfg.get("optimized_metric") or "")
-    return float(value) if isinstance(value, float) else None
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 if __name__ == "__main__":
-    quote_group_choices(Path(__file__).parent / "conf")
+    quiet_known_notices()
+    bool_group_choices(Path(__file__).parent / "conf")
     main()

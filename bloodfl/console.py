@@ -1,10 +1,12 @@
-"""What a run prints: the config summary at start, one-line errors, the closing line."""
+"""The command line around a run: the config summary, one-line user errors, sweeps that go on past a failed
+job, and ``dp=true`` as users type it."""
 
 from __future__ import annotations
 
 import functools
 import logging
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,7 @@ from typing import Any
 import rich
 import rich.syntax
 import rich.tree
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from bloodfl.errors import BloodflError
@@ -19,6 +22,7 @@ from bloodfl.errors import BloodflError
 log = logging.getLogger("bloodfl")
 
 SUMMARY_ORDER = ("dataset", "model", "split", "augment", "optim", "loader", "fl", "dp", "trainer", "logger", "paths")
+ERROR_FILE = "error.txt"  # a job's one-line user error, left in its run directory for the sweep's summary
 
 
 def print_config_tree(cfg: DictConfig) -> None:
@@ -33,30 +37,101 @@ def print_config_tree(cfg: DictConfig) -> None:
     rich.print(tree)
 
 
-def user_errors_exit(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn a BloodflError into one line on stderr and exit status 2, instead of a traceback."""
+def quiet_known_notices() -> None:
+    """Library notices that tell a bloodfl user nothing new, silenced once for the whole process:
+    Opacus' secure-RNG note (docs/privacy.md says what secure mode protects against), Lightning's hints about
+    workers and devices that do not apply to in-memory data, and deprecations inside the libraries."""
+    warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated.*")
+    logging.getLogger("opacus.data_loader").setLevel(logging.ERROR)
+
+
+def task_wrapper(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
+    """Run one job; a user error (BloodflError) becomes one line ``bloodfl: error: ...`` instead of a traceback.
+
+    A single run then exits with status 2. In a multirun the job fails alone: its line is printed and left in
+    its run directory (``error.txt``), the sweep goes on, and :class:`FailedJobsReport` lists the failed jobs
+    and exits non-zero when the sweep ends.
+    """
 
     @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def wrapper(cfg: DictConfig) -> Any:
         try:
-            return fn(*args, **kwargs)
+            return fn(cfg)
         except BloodflError as exc:
-            print(f"bloodfl: error: {exc}", file=sys.stderr)
-            sys.exit(2)
+            line = f"bloodfl: error: {exc}"
+            print(line, file=sys.stderr)
+            if not _in_multirun():
+                sys.exit(2)
+            log.error(line)
+            out = Path(cfg.paths.output_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / ERROR_FILE).write_text(line + "\n")
+            return None
 
     return wrapper
 
 
-def quote_group_choices(conf_dir: Path, argv: list[str] | None = None) -> None:
-    """Quote config-group choices Hydra would parse as non-strings, so ``dp=true`` selects conf/dp/true.yaml.
+def _in_multirun() -> bool:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
 
-    Hydra reads ``dp=true`` as a bool and refuses it as a group choice; users should not have to type
-    ``dp='true'``. Comma lists (``-m dp=true,false``) are quoted item by item.
-    """
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except ValueError:  # not inside a Hydra app
+        return False
+
+
+class FailedJobsReport(Callback):
+    """Hydra callback (conf/hydra/default.yaml): after a sweep, list the jobs that stopped on a user error and
+    exit with status 2, so scripts see that the sweep was not a full success."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        failed = sorted(sweep_dir.rglob(ERROR_FILE))
+        if not failed:
+            return
+        lines = [f"bloodfl: {len(failed)} job(s) of the sweep in {sweep_dir} failed:"]
+        for path in failed:
+            job = path.parent
+            overrides = job / ".hydra" / "overrides.yaml"
+            args = " ".join(str(o) for o in OmegaConf.load(overrides)) if overrides.exists() else ""
+            lines.append(f"  {job.relative_to(sweep_dir)} ({args}): {path.read_text().strip()}")
+        print("\n".join(lines), file=sys.stderr)
+        sys.exit(2)
+
+
+def bool_group_choices(conf_dir: Path, argv: list[str] | None = None) -> None:
+    """Let ``dp=true`` (and ``dp=true,false``) select conf/dp/true.yaml as typed.
+
+    Hydra's grammar reads ``true`` as a boolean, which it refuses as a config-group choice. Only overrides of a
+    group that has an option named ``true`` or ``false`` whose value Hydra parses as a boolean (or a plain
+    comma list of them) are rewritten, to the quoted form Hydra accepts; every other override — sweep functions
+    such as ``glob(...)``, ``choice(...)``, ``range(...)``, ``experiment=null`` — is left exactly as typed."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ValueType
+    from hydra.errors import HydraException
+
     argv = sys.argv if argv is None else argv
-    groups = {p.name for p in conf_dir.iterdir() if p.is_dir()}
+    bool_groups = {p.name for p in conf_dir.iterdir()
+                   if p.is_dir() and ((p / "true.yaml").exists() or (p / "false.yaml").exists())}
+    parser = OverridesParser.create()
     for i, arg in enumerate(argv[1:], start=1):
-        key, sep, value = arg.partition("=")
-        if not sep or key.lstrip("+~") not in groups or not value or value[0] in "'\"[":
+        if arg.startswith("-") or "=" not in arg:
             continue
-        argv[i] = f"{key}=" + ",".join(v if v[:1] in "'\"" else f"'{v}'" for v in value.split(","))
+        try:
+            override = parser.parse_override(arg)
+        except HydraException:
+            continue  # Hydra reports it
+        if override.key_or_group.split("/")[0] not in bool_groups:
+            continue
+        key = arg.split("=", 1)[0]
+        value = override.value()
+        if override.value_type == ValueType.ELEMENT and isinstance(value, bool):
+            argv[i] = f"{key}='{str(value).lower()}'"
+        elif override.value_type == ValueType.SIMPLE_CHOICE_SWEEP and any(isinstance(v, bool) for v in value.list):
+            argv[i] = f"{key}=" + ",".join(f"'{str(v).lower()}'" if isinstance(v, bool) else str(v)
+                                           for v in value.list)

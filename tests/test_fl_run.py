@@ -64,12 +64,13 @@ def test_one_client_one_round_equals_local_training(tmp_path: Path) -> None:
     assert init["round"] == 1
 
     # plain Lightning training of the same initial model on the same training images with the same seed
-    from bloodfl.training.run import build_datamodule, build_module
+    from bloodfl.compose import Root
 
+    root = Root(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    dm = build_datamodule(cfg)
+    dm = root.datamodule()
     dm.setup("fit")
-    module = build_module(cfg, dm)
+    module = root.module(root.network(dm.num_classes), dm.num_classes)
     seed = client_seed(cfg.seed, 1, 0)
     pl.seed_everything(seed, workers=True, verbose=False)
     local = ArrayDataModule(dm.images, dm.labels, train_idx=dm.idx["train"], batch_size=8, seed=seed,

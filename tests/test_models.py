@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -56,14 +57,16 @@ def test_image_too_small_for_model() -> None:
         build_classifier("inception_v3", 4, 32)
 
 
-def test_local_weights_file_roundtrip(tmp_path: Path) -> None:
+def test_local_weights_file_roundtrip(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     a = build_classifier("resnet18", 4, 32)
     path = tmp_path / "w.pth"
     torch.save(a.backbone.state_dict(), path)
-    b = build_classifier("resnet18", 4, 32, weights=str(path))
+    with caplog.at_level(logging.INFO, logger="bloodfl"):
+        b = build_classifier("resnet18", 4, 32, weights=str(path))
     for (k, va), vb in zip(a.backbone.state_dict().items(), b.backbone.state_dict().values()):
         assert torch.equal(va, vb), k
-    assert "loaded" in b.weights_info
+    n = len(a.backbone.state_dict())
+    assert f"loaded {n}/{n} backbone tensors from {path}" in caplog.text
 
 
 def test_missing_or_foreign_weights_file(tmp_path: Path) -> None:

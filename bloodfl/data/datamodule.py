@@ -82,11 +82,19 @@ class ArrayDataModule(pl.LightningDataModule):
         self.idx = {"train": train_idx, "val": val_idx, "test": test_idx}
         self.batch_size = batch_size
         self.augment = augment
+        self.normalize = normalize
+        self.poisson: tuple[float, torch.Generator | None] | None = None  # see use_poisson_sampling
         mean, std = NORMALIZATION[normalize]
         self.register_mean_std = (torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1))
         self.num_workers = num_workers
         self.classes = classes
         self.generator = torch.Generator().manual_seed(seed)
+
+    def use_poisson_sampling(self, sample_rate: float, generator: torch.Generator | None) -> None:
+        """DP-SGD's sampling for the training loader: each image joins each batch independently with probability
+        ``sample_rate`` (Opacus' UniformWithReplacementSampler), drawn from ``generator`` — the client's own
+        secret one, so nobody else can predict the batches. Validation and test loaders are unchanged."""
+        self.poisson = (sample_rate, generator)
 
     def reseed(self, seed: int) -> None:
         """Restart the shuffling order from ``seed`` (federated rounds reseed for exact resume)."""
@@ -106,6 +114,13 @@ class ArrayDataModule(pl.LightningDataModule):
         if index is None or len(index) == 0:
             raise BloodflError(f"the {split} split is empty; check the split settings")
         ds = IndexedImages(self.images, self.labels, index)
+        if train and self.poisson is not None:
+            from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+            sample_rate, generator = self.poisson
+            sampler = UniformWithReplacementSampler(num_samples=len(ds), sample_rate=sample_rate, generator=generator)
+            return DataLoader(ds, batch_sampler=sampler, collate_fn=_as_batch, num_workers=self.num_workers,
+                              persistent_workers=self.num_workers > 0)
         return DataLoader(
             ds,
             batch_size=self.batch_size,
@@ -166,6 +181,7 @@ class BloodDataModule(ArrayDataModule):
         self.table: SampleTable | None = None
         self.split: np.ndarray | None = None
         self.report: list[str] = []
+        self.split_groups: list[str] | None = None  # the group of each image the split kept whole, if any
 
     def setup(self, stage: str | None = None) -> None:
         if self.table is None:
@@ -215,7 +231,9 @@ class BloodDataModule(ArrayDataModule):
                 table, images, split = table.subset(np.flatnonzero(keep_rows)), images[keep_rows], split[keep_rows]
         elif images.shape[1] != int(cfg.image_size):
             raise BloodflError(f"source rendered {images.shape[1]} px images, expected dataset.image_size")
+        groups = self._split_groups(table)  # of the images kept (unreadable ones were left out above)
         self.table, self.split, self.images, self.labels = table, split, images, table.labels
+        self.split_groups = None if groups is None else list(groups)
         self.classes = list(table.classes)
         for s in SPLITS:
             self.idx[s] = np.flatnonzero(split == s)

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
+from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold, StratifiedKFold, train_test_split
 
 from bloodfl.errors import BloodflError
 
@@ -47,12 +47,19 @@ def _check_class_sizes(labels: np.ndarray, classes: Sequence[str] | None, need: 
             )
 
 
-def _holdout(labels: np.ndarray, groups: np.ndarray | None, frac: float, seed: int,
-             idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Split ``idx`` into (rest, held out ~frac), stratified by label and, with groups, group-whole."""
-    if frac <= 0:
+def holdout(labels: np.ndarray, groups: np.ndarray | None, frac: float, seed: int,
+            idx: np.ndarray, strict: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Split ``idx`` into (rest, held out ~frac), stratified by label and, with groups, group-whole.
+
+    strict=False (a federated client's small shard): where stratification is impossible the hold-out is
+    drawn without it, and a shard too small to hold anything out keeps every image for training; groups are
+    always kept whole."""
+    idx = np.asarray(idx, dtype=np.int64)
+    if frac <= 0 or (not strict and int(round(frac * len(idx))) < 1):
         return idx, idx[:0]
     y = labels[idx]
+    if not strict:
+        return _lenient_holdout(y, None if groups is None else groups[idx], frac, seed, idx)
     if groups is None:
         n_classes = len(np.unique(y))
         if round(frac * len(idx)) < n_classes or len(idx) - round(frac * len(idx)) < n_classes:
@@ -73,6 +80,21 @@ def _holdout(labels: np.ndarray, groups: np.ndarray | None, frac: float, seed: i
     # StratifiedGroupKFold balances classes across folds while keeping groups whole; one fold is the hold-out
     # (its share is about 1/n_splits, the closest a group split can get to ``frac``)
     cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    rest_pos, held_pos = next(cv.split(np.zeros(len(idx)), y, g))
+    return np.sort(idx[rest_pos]), np.sort(idx[held_pos])
+
+
+def _lenient_holdout(y: np.ndarray, g: np.ndarray | None, frac: float, seed: int,
+                     idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    n_held = int(round(frac * len(idx)))
+    if g is None:
+        _, counts = np.unique(y, return_counts=True)
+        stratify = y if counts.min() >= 2 and n_held >= len(counts) and len(idx) - n_held >= len(counts) else None
+        rest, held = train_test_split(idx, test_size=n_held, stratify=stratify, random_state=seed)
+        return np.sort(rest), np.sort(held)
+    if len(np.unique(g)) < 2:  # one group cannot be split without leaking it
+        return idx, idx[:0]
+    cv = GroupShuffleSplit(n_splits=1, test_size=frac, random_state=seed)
     rest_pos, held_pos = next(cv.split(np.zeros(len(idx)), y, g))
     return np.sort(idx[rest_pos]), np.sort(idx[held_pos])
 
@@ -105,8 +127,8 @@ def assign_splits(
             raise BloodflError("split.fractions gives the training set a share of 0")
         _check_class_sizes(labels, classes, sum(f > 0 for f in fr) + (spec.val_from_train > 0),
                            f"split {spec.name or fr}")
-        pool, test = _holdout(labels, g, test_f, spec.seed, all_idx)
-        pool, val = _holdout(labels, g, val_f / (train_f + val_f) if val_f else 0.0, spec.seed + 1, pool)
+        pool, test = holdout(labels, g, test_f, spec.seed, all_idx)
+        pool, val = holdout(labels, g, val_f / (train_f + val_f) if val_f else 0.0, spec.seed + 1, pool)
         out[test] = "test"
         out[val] = "val"
         train = pool
@@ -133,7 +155,7 @@ def assign_splits(
         raise BloodflError(f"unknown split.kind {spec.kind!r}; valid: ratio, kfold, published")
 
     if spec.val_from_train > 0:
-        train, val = _holdout(labels, g, spec.val_from_train, spec.seed + 2, np.asarray(train))
+        train, val = holdout(labels, g, spec.val_from_train, spec.seed + 2, np.asarray(train))
         out[val] = "val"
     if not (out == "val").any():
         raise BloodflError(

@@ -1,34 +1,38 @@
 """The client side: one hospital's data shard, its own model, and a local Lightning fit per round.
 
 A client keeps its images and labels to itself: ``fit`` takes global weights and instructions and returns a
-:class:`~bloodfl.fl.strategy.FitResult` (weights, number of training examples, local metrics), nothing else.
-Weights crossing the boundary are the network's state dict (``module.net``): the loss' class weights and
-metric states stay with the client.
+:class:`~bloodfl.fl.strategy.FitResult`, nothing else. What it releases:
+- the network's weights (``module.net``'s state dict; the loss' class weights and metric states stay here);
+- its number of training examples, or 1 with ``release_count=False`` (uniform FedAvg weights: the count stays
+  with the client; the default under DP, where only what DP protects should leave);
+- its local train/val metrics — but not under DP: they are exact statistics of private images, so a private
+  client writes them to its own log (``local_log``) and releases none.
 
 Exact resume: before every local fit the client seeds Python, NumPy, torch and its loader's shuffling from
 ``(seed, round, client id)`` alone, so a round gives the same result whether or not the run was restarted.
-
-Privacy plugs in through ``client.privacy`` (one object per client for the whole run, e.g. bloodfl.privacy's
-``ClientPrivacy``): its ``state_dict()`` goes into every round checkpoint, and if it has ``callbacks(client)``
-those Lightning callbacks join the local trainer. A DP fit that does not fit Lightning's loop can subclass
-``FLClient`` and override ``train_locally``.
+A private client's DP noise and Poisson batches come from its own secret generator instead (part of
+``module.privacy``'s state, saved with the client's state in every round checkpoint).
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv
 import logging
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from sklearn.model_selection import train_test_split
 
 from bloodfl.data.datamodule import ArrayDataModule
 from bloodfl.fl.strategy import FitResult, Weights
 from bloodfl.training.module import ClassifierModule
+
+if TYPE_CHECKING:
+    from bloodfl.privacy.engine import ClientPrivacy
 
 # local metrics a client reports (when its trainer produced them)
 LOCAL_METRICS = ("train/loss", "train/acc", "val/loss", "val/acc")
@@ -38,20 +42,6 @@ _QUIET_LOGGERS = ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", 
 def client_seed(seed: int, server_round: int, cid: int) -> int:
     """The seed of client ``cid``'s fit in ``server_round``: a function of these three numbers only."""
     return int(np.random.SeedSequence([seed, server_round, 2, cid]).generate_state(1)[0])
-
-
-def carve_validation(shard: np.ndarray, labels: np.ndarray, fraction: float,
-                     seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Split a client's shard into (train, local validation); stratified when every class allows it."""
-    shard = np.sort(np.asarray(shard, dtype=np.int64))
-    n_val = int(round(fraction * len(shard)))
-    if fraction <= 0 or n_val < 1 or len(shard) - n_val < 1:
-        return shard, shard[:0]
-    y = labels[shard]
-    _, counts = np.unique(y, return_counts=True)
-    stratify = y if counts.min() >= 2 and n_val >= len(counts) and len(shard) - n_val >= len(counts) else None
-    train, val = train_test_split(shard, test_size=n_val, stratify=stratify, random_state=seed)
-    return np.sort(train), np.sort(val)
 
 
 @contextlib.contextmanager
@@ -117,17 +107,26 @@ class ProximalTerm(pl.Callback):
 class FLClient:
     """One federated client: its data module (train shard + local validation share), its model, its trainer.
 
-    trainer_kwargs: pl.Trainer arguments shared by all clients (accelerator, precision, limits...); the
-    client sets max_epochs from the round's instructions and turns off checkpoints and loggers itself.
+    make_trainer: builds the local trainer (``Root.trainer_factory``: the run's ``trainer.*`` settings); the
+        client sets the epochs from the round's instructions and adds its callbacks.
+    release_count: report the real number of training examples (FedAvg weighting) or 1 (uniform weighting).
+    local_log: where a private client keeps its local metrics instead of releasing them (a CSV of its own).
     """
 
     def __init__(self, cid: int, module: ClassifierModule, datamodule: ArrayDataModule,
-                 trainer_kwargs: dict[str, Any] | None = None, privacy: Any = None) -> None:
+                 make_trainer: Callable[..., pl.Trainer] | None = None, release_count: bool = True,
+                 local_log: Path | None = None) -> None:
         self.cid = cid
         self.module = module
         self.datamodule = datamodule
-        self.trainer_kwargs = dict(trainer_kwargs or {})
-        self.privacy = privacy
+        self.make_trainer = make_trainer or pl.Trainer
+        self.release_count = release_count
+        self.local_log = local_log
+
+    @property
+    def privacy(self) -> ClientPrivacy | None:
+        """The client's DP accountant (None without DP); it lives in the module that trains with it."""
+        return self.module.privacy
 
     @property
     def num_examples(self) -> int:
@@ -137,11 +136,6 @@ class FLClient:
     def has_validation(self) -> bool:
         val = self.datamodule.idx["val"]
         return val is not None and len(val) > 0
-
-    @property
-    def steps_per_epoch(self) -> int:
-        """Optimizer steps in one local epoch (what a DP accountant needs)."""
-        return len(self.datamodule.train_dataloader())
 
     def get_weights(self) -> Weights:
         return {k: v.detach().to("cpu", copy=True) for k, v in self.module.net.state_dict().items()}
@@ -156,7 +150,10 @@ class FLClient:
         seed_all(seed)
         self.datamodule.reseed(seed)
         metrics = self.train_locally(weights, config)
-        return FitResult(self.get_weights(), self.num_examples, metrics)
+        if self.privacy is not None:  # exact statistics of private images: they stay here
+            self._keep_locally(server_round, metrics)
+            metrics = {}
+        return FitResult(self.get_weights(), self.num_examples if self.release_count else 1, metrics)
 
     def train_locally(self, global_weights: Weights, config: dict[str, Any]) -> dict[str, float]:
         """One local Lightning fit; returns the local metrics of its last epoch."""
@@ -164,18 +161,23 @@ class FLClient:
         mu = float(config.get("proximal_mu", 0.0))
         if mu > 0:
             callbacks.append(ProximalTerm(mu, global_weights))
-        if self.privacy is not None and hasattr(self.privacy, "callbacks"):
-            callbacks += list(self.privacy.callbacks(self))
-        kwargs = {"enable_progress_bar": False, **self.trainer_kwargs}
-        if not self.has_validation:
-            kwargs["limit_val_batches"] = 0
+        kwargs: dict[str, Any] = {} if self.has_validation else {"limit_val_batches": 0}
         with quiet_lightning():
-            trainer = pl.Trainer(max_epochs=int(config["local_epochs"]), callbacks=callbacks, logger=False,
-                                 enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
-                                 **kwargs)
+            trainer = self.make_trainer(max_epochs=int(config["local_epochs"]), callbacks=callbacks, **kwargs)
             trainer.fit(self.module, datamodule=self.datamodule)
         done = trainer.callback_metrics
         return {k: float(done[k]) for k in LOCAL_METRICS if k in done}
+
+    def _keep_locally(self, server_round: int, metrics: dict[str, float]) -> None:
+        if self.local_log is None:
+            return
+        self.local_log.parent.mkdir(parents=True, exist_ok=True)
+        new = not self.local_log.exists()
+        with open(self.local_log, "a", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=["round", *LOCAL_METRICS], extrasaction="ignore")
+            if new:
+                w.writeheader()
+            w.writerow({"round": server_round, **metrics})
 
     def state_dict(self) -> dict[str, Any]:
         """Client state that lives across rounds (the privacy accountant); saved in every round checkpoint."""

@@ -6,7 +6,7 @@ which in a real deployment would be a separate evaluation site. It receives only
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
 
 import pytorch_lightning as pl
 import torch
@@ -21,10 +21,10 @@ class GlobalEvaluator:
     """Load global weights into ``module.net`` and run the module's test step over ``split`` of ``datamodule``."""
 
     def __init__(self, module: ClassifierModule, datamodule: ArrayDataModule,
-                 trainer_kwargs: dict[str, Any] | None = None) -> None:
+                 make_trainer: Callable[..., pl.Trainer] | None = None) -> None:
         self.module = module
         self.datamodule = datamodule
-        self.trainer_kwargs = dict(trainer_kwargs or {})
+        self.make_trainer = make_trainer or pl.Trainer
 
     def has(self, split: str) -> bool:
         idx = self.datamodule.idx.get(split)
@@ -33,9 +33,8 @@ class GlobalEvaluator:
     def evaluate(self, weights: Weights, split: str = "test") -> dict[str, float]:
         """Metrics under ``test/`` (split="test") or ``val/`` (split="val") of the model with ``weights``."""
         self.module.net.load_state_dict(weights, strict=True)
-        kwargs = {"enable_progress_bar": False, **self.trainer_kwargs}
         with quiet_lightning():
-            trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_model_summary=False, **kwargs)
+            trainer = self.make_trainer(enable_progress_bar=False)
             if split == "test":
                 out = trainer.test(self.module, datamodule=self.datamodule, verbose=False)[0]
             else:

@@ -111,12 +111,13 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 # ---- rounds.csv and the plot ------------------------------------------------------------------------------
 
 def rounds_columns(num_clients: int, private: bool = False, split: str = "test") -> list[str]:
-    """rounds.csv's header; ``private``: with each client's cumulative DP epsilon."""
+    """rounds.csv's header: what the server knows. ``private``: each client's cumulative DP epsilon (a function
+    of its public DP plan) instead of its examples and local metrics, which private clients do not release."""
     cols = ["round", *(f"{split}/{m}" for m in GLOBAL_METRICS),
-            "clients", "examples", "seconds", "fit_seconds", "eval_seconds"]
+            "clients", "seconds", "fit_seconds", "eval_seconds"]
     for c in range(num_clients):
-        cols += [f"client{c}/examples", *(f"client{c}/{k}" for k in LOCAL_METRICS)]
-        cols += [f"client{c}/epsilon"] if private else []
+        cols += [f"client{c}/epsilon"] if private else [f"client{c}/examples",
+                                                        *(f"client{c}/{k}" for k in LOCAL_METRICS)]
     return cols
 
 
@@ -218,7 +219,6 @@ class Simulation:
         row: dict[str, Any] = {"round": r, **{f"{split}/{m}": metrics[f"{split}/{m}"] for m in GLOBAL_METRICS
                                               if f"{split}/{m}" in metrics},
                                "clients": " ".join(map(str, sampled)),
-                               "examples": sum(res.num_examples for res in results),
                                "seconds": round(t_eval - t0, 3), "fit_seconds": round(t_fit - t0, 3),
                                "eval_seconds": round(t_eval - t_agg, 3)}
         for c, res in zip(sampled, results):

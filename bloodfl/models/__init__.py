@@ -1,3 +1,12 @@
-from bloodfl.models.registry import BloodCellClassifier, build_classifier, get_spec, list_models
+from bloodfl.models import simple_cnn  # noqa: F401  (registers the architectures written here)
+from bloodfl.models.registry import (
+    BloodCellClassifier,
+    build_classifier,
+    create_classifier,
+    list_models,
+    model_config,
+    register_model,
+)
 
-__all__ = ["BloodCellClassifier", "build_classifier", "get_spec", "list_models"]
+__all__ = ["BloodCellClassifier", "build_classifier", "create_classifier", "list_models", "model_config",
+           "register_model"]

@@ -1,10 +1,16 @@
-"""Model registry: the names users type (``model=vgg16``), what each builds, and how weights are loaded."""
+"""The model zoo: every ``conf/model/<name>.yaml`` is a model users can name (``model=vgg16``).
+
+A model config names its architecture (``source``/``arch``), its native and minimum input size and the head;
+``create_classifier`` (its ``_target_``) builds the backbone's feature extractor with the papers' head on top.
+Architectures written here (not taken from timm) register themselves with ``@register_model``, as timm's do.
+"""
 
 from __future__ import annotations
 
 import fnmatch
+import logging
 import os
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,55 +18,35 @@ import timm
 import torch
 from torch import nn
 
+from bloodfl.config import group_options, instantiate, load_option
 from bloodfl.errors import BloodflError
 from bloodfl.models.heads import PaperHead
-from bloodfl.models.simple_cnn import SimpleCNN
+
+log = logging.getLogger("bloodfl")
+
+_BLOODFL_ARCHS: dict[str, Callable[..., nn.Module]] = {}
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    name: str
-    timm_name: str | None  # None: built by bloodfl itself
-    min_image_size: int
-    paper: str = ""
+def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Register a backbone factory written here under ``arch`` = ``name`` (source: bloodfl)."""
 
+    def add(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        _BLOODFL_ARCHS[name] = fn
+        return fn
 
-_REGISTRY: dict[str, ModelSpec] = {}
-
-
-def register(spec: ModelSpec) -> None:
-    _REGISTRY[spec.name] = spec
-
-
-for _spec in [
-    ModelSpec("simple_cnn", None, 16, "small CNN for tests and the demo"),
-    ModelSpec("vgg16", "vgg16", 32, "papers/000, 001, 003"),
-    ModelSpec("vgg19", "vgg19", 32, "papers/000, 003, 004"),
-    ModelSpec("resnet18", "resnet18", 16),
-    ModelSpec("resnet50", "resnet50", 16, "papers/000, 001, 002, 003, 004"),
-    ModelSpec("resnet101", "resnet101", 16, "papers/003"),
-    ModelSpec("resnet152", "resnet152", 16, "papers/003"),
-    ModelSpec("inception_v3", "inception_v3", 75, "papers/000, 001, 002, 003"),
-    ModelSpec("densenet121", "densenet121", 32, "papers/001"),
-    ModelSpec("densenet201", "densenet201", 32, "papers/003"),
-    ModelSpec("efficientnet_b0", "efficientnet_b0", 16, "papers/001"),
-    ModelSpec("mobilenetv2", "mobilenetv2_100", 16, "papers/001, 003"),
-    ModelSpec("xception", "legacy_xception", 32, "papers/002, 004"),
-    ModelSpec("vit_tiny", "vit_tiny_patch16_224", 16, "small ViT"),
-    ModelSpec("vit_base", "vit_base_patch16_224", 16, "papers/004"),
-]:
-    register(_spec)
+    return add
 
 
 def list_models(pattern: str = "*") -> list[str]:
-    """Registered model names matching a shell-style pattern, sorted (like ``timm.list_models``)."""
-    return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
+    """Model names (the options of ``conf/model``) matching a shell-style pattern, sorted, like timm's."""
+    return [n for n in group_options("model") if fnmatch.fnmatch(n, pattern)]
 
 
-def get_spec(name: str) -> ModelSpec:
-    if name not in _REGISTRY:
+def model_config(name: str) -> Any:
+    """The composed config of ``model=<name>``."""
+    if name not in list_models():
         raise BloodflError(f"unknown model {name!r}; valid models: {', '.join(list_models())}")
-    return _REGISTRY[name]
+    return load_option("model", name)
 
 
 class BloodCellClassifier(nn.Module):
@@ -80,29 +66,28 @@ class BloodCellClassifier(nn.Module):
         return self.forward(x).softmax(dim=1)
 
 
-def _create_backbone(spec: ModelSpec, image_size: int, pretrained: bool) -> nn.Module:
-    if spec.timm_name is None:
-        return SimpleCNN()
-    kwargs: dict[str, Any] = {"num_classes": 0}
-    if spec.timm_name.startswith("vit_"):
-        kwargs["img_size"] = image_size
+def _create_backbone(name: str, source: str, arch: str, kwargs: dict[str, Any], pretrained: bool) -> nn.Module:
+    if source == "bloodfl":
+        if pretrained:
+            raise BloodflError(f"model {name!r} is written here and has no pretrained weights; use model.weights=PATH "
+                               "or model.pretrained=false")
+        if arch not in _BLOODFL_ARCHS:
+            raise BloodflError(f"model {name!r}: no architecture {arch!r} is registered in bloodfl.models")
+        return _BLOODFL_ARCHS[arch](**kwargs)
+    if source != "timm":
+        raise BloodflError(f"model {name!r}: unknown model.source {source!r}; valid: timm, bloodfl")
     try:
-        backbone = timm.create_model(spec.timm_name, pretrained=pretrained, **kwargs)
+        return timm.create_model(arch, pretrained=pretrained, num_classes=0, **kwargs)
     except (OSError, RuntimeError) as exc:
         if not pretrained:
             raise
         # huggingface_hub raises LocalEntryNotFoundError (an OSError) when offline and nothing is cached
         raise BloodflError(
-            f"could not get ImageNet weights for {spec.name!r} ({spec.timm_name}) from the Hugging Face hub "
+            f"could not get ImageNet weights for {name!r} ({arch}) from the Hugging Face hub "
             f"({type(exc).__name__}); either run once online so timm caches them, or set "
             "model.weights=/path/to/weights.pth (a local state dict), or model.pretrained=false to train "
             "from scratch"
         ) from exc
-    # timm's VGG keeps its fc6/fc7 (as convs, ~120M parameters) in pre_logits, which forward_features never
-    # uses: drop them so they are not trained, averaged or sent to clients
-    if hasattr(backbone, "pre_logits") and spec.timm_name.startswith("vgg"):
-        backbone.pre_logits = nn.Identity()
-    return backbone
 
 
 def _load_weights_file(model: BloodCellClassifier, path: str) -> str:
@@ -140,24 +125,33 @@ def _load_weights_file(model: BloodCellClassifier, path: str) -> str:
     return f"loaded {loaded}/{len(wanted)} {target} tensors from {file} ({len(unexpected)} unused)"
 
 
-def build_classifier(
+def create_classifier(
     name: str,
     num_classes: int,
     image_size: int,
+    source: str = "timm",
+    arch: str | None = None,
+    native_size: int = 224,
+    min_size: int = 32,
+    size_kwarg: str | None = None,
+    drop: Sequence[str] = (),
     pretrained: bool = False,
     weights: str | None = None,
     head: dict[str, Any] | None = None,
 ) -> BloodCellClassifier:
-    """Build ``name``'s backbone with the paper head sized for ``image_size`` inputs."""
-    spec = get_spec(name)
-    if image_size < spec.min_image_size:
+    """The ``_target_`` of every model config: backbone ``arch`` from ``source`` with the paper head sized for
+    ``image_size`` inputs. ``native_size`` is informational (what pretrained weights expect)."""
+    if image_size < min_size:
         raise BloodflError(
-            f"model {name!r} needs images of at least {spec.min_image_size} px, got dataset.image_size="
-            f"{image_size}; raise dataset.image_size"
+            f"model {name!r} needs images of at least {min_size} px, got dataset.image_size={image_size}; "
+            f"raise dataset.image_size (or leave it unset: the default fits every model)"
         )
     if pretrained and weights:
         raise BloodflError("set either model.pretrained=true or model.weights=PATH, not both")
-    backbone = _create_backbone(spec, image_size, pretrained)
+    kwargs = {size_kwarg: image_size} if size_kwarg else {}
+    backbone = _create_backbone(name, source, arch or name, kwargs, pretrained)
+    for unused in drop:
+        setattr(backbone, unused, nn.Identity())
     was_training = backbone.training
     backbone.eval()
     with torch.no_grad():
@@ -165,5 +159,13 @@ def build_classifier(
     backbone.train(was_training)
     model = BloodCellClassifier(backbone, PaperHead(feat_shape, num_classes, **(head or {})), name)
     if weights:
-        model.weights_info = _load_weights_file(model, weights)  # type: ignore[attr-defined]
+        log.info(_load_weights_file(model, weights))
     return model
+
+
+def build_classifier(name: str, num_classes: int, image_size: int, **overrides: Any) -> BloodCellClassifier:
+    """``model=<name>`` outside a Hydra app (tests, benchmarks, notebooks); ``overrides`` replace config keys."""
+    cfg = model_config(name)
+    for key, value in overrides.items():
+        cfg[key] = value
+    return instantiate(cfg, num_classes=num_classes, image_size=image_size, _convert_="all")

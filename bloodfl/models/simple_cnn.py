@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from bloodfl.models.registry import register_model
+
 
 def _block(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(
@@ -15,6 +17,7 @@ def _block(cin: int, cout: int) -> nn.Sequential:
     )
 
 
+@register_model("simple_cnn")
 class SimpleCNN(nn.Module):
     """Backbone with timm's ``forward_features`` interface, so the paper head fits on it like on timm models."""
 

@@ -26,7 +26,7 @@ import math
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from opacus import PrivacyEngine
@@ -37,9 +37,6 @@ from bloodfl.errors import BloodflError
 from bloodfl.privacy.accountant import MECHANISMS, PrivacyAccountant, calibrate_noise, default_delta
 from bloodfl.privacy.compat import check_private, make_dp_compatible
 from bloodfl.privacy.norms import ghost_norm_samplers
-
-if TYPE_CHECKING:
-    from bloodfl.privacy.lightning import DPCallback
 
 MODES = ("auto", "ghost", "hooks")
 
@@ -160,16 +157,6 @@ class ClientPrivacy:
                 raise BloodflError(f"{self.name}: the checkpoint was trained with {key}={state[key]:.6g} but this run "
                                    f"has {getattr(self, key):.6g}; {hint}")
         self.accountant.load_state_dict(state["accountant"])
-
-    def callback(self) -> DPCallback:
-        """Lightning callback that trains one fit with DP-SGD, accounted here."""
-        from bloodfl.privacy.lightning import DPCallback
-
-        return DPCallback(self)
-
-    def callbacks(self, client: object = None) -> list[DPCallback]:
-        """What ``FLClient.train_locally`` adds to each local trainer."""
-        return [self.callback()]
 
     def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer, data_loader: DataLoader,
                criterion: nn.Module | None = None) -> PrivateTraining:

@@ -1,8 +1,10 @@
-"""The LightningModule: cross-entropy (optionally class-weighted), Adam, torchmetrics under val/ and test/."""
+"""The LightningModule: cross-entropy (optionally class-weighted), the configured optimizer, torchmetrics under
+train/, val/ and test/, and DP-SGD when it is given a client's privacy accountant."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import pytorch_lightning as pl
 import torch
@@ -15,7 +17,8 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
-from bloodfl.errors import BloodflError
+if TYPE_CHECKING:
+    from bloodfl.privacy.engine import ClientPrivacy, PrivateTraining
 
 
 def classification_metrics(num_classes: int) -> MetricCollection:
@@ -29,25 +32,33 @@ def classification_metrics(num_classes: int) -> MetricCollection:
 
 
 class ClassifierModule(pl.LightningModule):
-    """Train ``net`` (a module returning logits) with cross-entropy and Adam.
+    """Train ``net`` (a module returning logits) with cross-entropy.
 
+    optimizer: a partial optimizer (``optim.optimizer``), completed here with the module's parameters.
+    scheduler: None, or Lightning's lr_scheduler settings with a partial ``scheduler`` (``optim.schedulers``).
     class_weights: papers/000 eq. 1 weights per class, or None for an unweighted loss.
-    scheduler: None, "cosine" (over trainer.max_epochs) or "plateau" (on val/loss).
+    privacy: a client's (or the centralized trainer's) DP accountant. With it the module owns its optimization
+        (Lightning's manual optimization): every training step is a DP-SGD step of ``PrivateTraining`` —
+        per-sample clipping, noise, accounting — on the Poisson batches its DataModule draws.
     """
 
     def __init__(
         self,
         net: nn.Module,
         num_classes: int,
-        lr: float = 1e-4,
-        weight_decay: float = 0.0,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        scheduler: dict[str, Any] | None = None,
         class_weights: list[float] | None = None,
-        scheduler: str | None = None,
+        privacy: ClientPrivacy | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["net"])
+        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler", "privacy"])
         self.net = net
-        self.private: Any = None  # set by bloodfl.privacy.lightning.DPCallback during a DP fit
+        self.optimizer_factory = optimizer or torch.optim.Adam
+        self.scheduler_config = scheduler
+        self.privacy = privacy
+        self.private: PrivateTraining | None = None  # the DP-SGD machinery of the current fit
+        self.automatic_optimization = privacy is None
         weight = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32)
         self.criterion = nn.CrossEntropyLoss(weight=weight)
         self.train_metrics = classification_metrics(num_classes).clone(prefix="train/")
@@ -76,6 +87,13 @@ class ClassifierModule(pl.LightningModule):
         self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        # under manual optimization Lightning leaves the schedulers to the module
+        if self.private is not None and self.scheduler_config is not None:
+            scheduler = self.lr_schedulers()
+            if scheduler is not None:
+                scheduler.step()  # type: ignore[union-attr]
 
     def _eval_step(self, batch: Any, loss_metric: MeanMetric, metrics: MetricCollection, prefix: str) -> torch.Tensor:
         x, y = batch
@@ -106,14 +124,20 @@ class ClassifierModule(pl.LightningModule):
         self._test_outputs = []
 
     def configure_optimizers(self) -> Any:
-        hp = self.hparams
-        optimizer = torch.optim.Adam(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-        if hp.scheduler in (None, "none"):
+        optimizer = self.optimizer_factory(self.parameters())
+        if self.privacy is not None:
+            self.private = self.privacy.attach(self.net, optimizer, self.criterion)
+            optimizer = self.private.optimizer
+        if self.scheduler_config is None:
             return optimizer
-        if hp.scheduler == "cosine":
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, self.trainer.max_epochs))
-            return {"optimizer": optimizer, "lr_scheduler": sched}
-        if hp.scheduler == "plateau":
-            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=3)
-            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "monitor": "val/loss"}}
-        raise BloodflError(f"unknown optim.scheduler {hp.scheduler!r}; valid: null, cosine, plateau")
+        settings = dict(self.scheduler_config)
+        return {"optimizer": optimizer, "lr_scheduler": {**settings, "scheduler": settings["scheduler"](optimizer)}}
+
+    def teardown(self, stage: str) -> None:
+        if stage == "fit" and self.private is not None:  # a plain module again between federated rounds
+            self.private.close()
+            self.private = None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.privacy is not None:  # Lightning checkpoints carry the accountant of a centralized DP run
+            checkpoint["privacy"] = self.privacy.state_dict()

@@ -1,0 +1,284 @@
+"""The composition root: every object a run needs, built from the Hydra config in this one place.
+
+``train.py`` and ``federate.py`` hand the composed config to :class:`Root`; the tasks
+(``bloodfl.training.run``, ``bloodfl.fl.run``) and the run skeleton (``bloodfl.runner``) ask it for plain
+objects — a DataModule, a network, a LightningModule with its partial optimizer, trainers, loggers, a strategy,
+each client's privacy accountant — and never read the config themselves. Objects a library or a class of ours
+can name are built by ``_target_`` (``hydra.utils.instantiate``); the few settings that are not objects come
+out as typed values (``RoundSettings``, ``DPSettings``).
+
+Following one setting: ``dp.max_grad_norm`` -> :meth:`Root.dp_settings` (``DPSettings``) ->
+:meth:`Root.client_privacy` (``ClientPrivacy``) -> ``PrivateTraining`` (clips each per-sample gradient to it);
+``fl.local_epochs`` -> :meth:`Root.round_settings` -> ``Simulation.run_round`` -> ``FLClient.fit`` ->
+the local trainer's ``max_epochs``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from bloodfl.config import instantiate
+from bloodfl.data.datamodule import ArrayDataModule, BloodDataModule
+from bloodfl.errors import BloodflError
+from bloodfl.privacy.engine import ClientPrivacy, DPSettings, prepare_model
+from bloodfl.training.module import ClassifierModule
+
+log = logging.getLogger("bloodfl")
+
+# settings that may change between a killed federated run and its resumption (all others must match)
+RESUME_FREE = ("paths", "hydra", "logger", "callbacks", "task_name", "test", "optimized_metric", "fl.resume",
+               "fl.rounds", "fl.keep_checkpoints", "fl.progress_bar", "trainer.default_root_dir",
+               "trainer.enable_progress_bar", "loader.num_workers")
+
+TrainerFactory = Callable[..., pl.Trainer]
+
+
+def _instantiate_each(node: DictConfig | None) -> list[Any]:
+    """Every ``_target_`` entry of a group such as ``callbacks`` or ``logger`` (null entries switch one off)."""
+    if not node:
+        return []
+    return [instantiate(v) for v in node.values() if isinstance(v, DictConfig) and "_target_" in v]
+
+
+class Root:
+    """Builds a run's objects from its config. One per run; cheap to create."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+        self._dp_mode: str | None = None  # how per-sample gradients are computed, fixed when the network is built
+
+    # ---- plain settings ----------------------------------------------------------------------------------
+
+    @property
+    def task_name(self) -> str:
+        return str(self.cfg.get("task_name", "train"))
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.cfg.paths.output_dir)
+
+    @property
+    def seed(self) -> int:
+        return int(self.cfg.seed)
+
+    @property
+    def evaluate_test(self) -> bool:
+        """Evaluate on the test split at the end (``test=false`` while tuning)."""
+        return bool(self.cfg.get("test", True))
+
+    @property
+    def image_size(self) -> int:
+        return int(self.cfg.dataset.image_size)
+
+    def config_dict(self) -> dict[str, Any]:
+        """The resolved config, for loggers' hyper-parameters."""
+        out = OmegaConf.to_container(self.cfg, resolve=True)
+        assert isinstance(out, dict)
+        return out
+
+    def fingerprint(self) -> dict[str, str]:
+        """Flat ``key -> value`` of every setting that decides a federated run's results (checked on resume)."""
+        flat: dict[str, str] = {}
+
+        def walk(node: Any, prefix: str) -> None:
+            if isinstance(node, dict):
+                for k, v in node.items():
+                    walk(v, f"{prefix}{k}.")
+            else:
+                key = prefix[:-1]
+                if not any(key == f or key.startswith(f + ".") for f in RESUME_FREE):
+                    flat[key] = repr(node)
+
+        walk(OmegaConf.to_container(self.cfg, resolve=False), "")
+        return flat
+
+    def resume_command(self, out: Path) -> str | None:
+        """The command line that continues this federated run, or None outside a Hydra app."""
+        try:
+            from hydra.core.hydra_config import HydraConfig
+
+            overrides = list(HydraConfig.get().overrides.task)
+        except ValueError:  # not launched by Hydra (tests, notebooks)
+            return None
+        kept = [o for o in overrides if not o.startswith(("fl.resume=", "hydra.run.dir="))]
+        return " ".join(["python federate.py", *kept, "fl.resume=true", f"hydra.run.dir={out}"])
+
+    # ---- data ----------------------------------------------------------------------------------------------
+
+    def augmentation(self) -> nn.Module | None:
+        node = self.cfg.get("augment")
+        return instantiate(node) if node and node.get("_target_") else None
+
+    def datamodule(self) -> BloodDataModule:
+        cfg = self.cfg
+        self._log_image_size()
+        return BloodDataModule(dataset=cfg.dataset, split=cfg.split, augment=self.augmentation(),
+                               batch_size=int(cfg.loader.batch_size), seed=self.seed,
+                               cache_dir=cfg.paths.get("cache_dir"), num_workers=int(cfg.loader.num_workers))
+
+    def client_datamodule(self, dm: BloodDataModule, train_idx: np.ndarray, val_idx: np.ndarray) -> ArrayDataModule:
+        """A federated client's own loaders over its shard of the decoded images."""
+        cfg = self.cfg
+        return ArrayDataModule(dm.images, dm.labels, train_idx=train_idx, val_idx=val_idx,
+                               batch_size=int(cfg.loader.batch_size), augment=self.augmentation(),
+                               normalize=dm.normalize, seed=self.seed, num_workers=int(cfg.loader.num_workers),
+                               classes=dm.classes)
+
+    def held_out_datamodule(self, dm: BloodDataModule) -> ArrayDataModule:
+        """The central validation and test images, for the federated server's evaluation of the global model."""
+        return ArrayDataModule(dm.images, dm.labels, val_idx=dm.idx["val"], test_idx=dm.idx["test"],
+                               batch_size=int(self.cfg.loader.batch_size), normalize=dm.normalize,
+                               num_workers=int(self.cfg.loader.num_workers), classes=dm.classes)
+
+    def _log_image_size(self) -> None:
+        model, size = self.cfg.model, self.image_size
+        if size == int(model.min_size) and size > 0:
+            log.info("dataset.image_size=%d: %s's minimum input size (set dataset.image_size to choose another)",
+                     size, model.name)
+
+    # ---- model ---------------------------------------------------------------------------------------------
+
+    def network(self, num_classes: int) -> nn.Module:
+        """The model config's backbone with the papers' head; DP-compatible layers when dp=true."""
+        net = instantiate(self.cfg.model, num_classes=num_classes, image_size=self.image_size, _convert_="all")
+        plan = self.dp_settings()
+        if plan is not None:  # before any optimizer exists and before federated clients copy the network
+            net, changes, self._dp_mode = prepare_model(net, (3, self.image_size, self.image_size),
+                                                        plan.grad_sample_mode)
+            for change in changes:
+                log.info("dp: %s", change)
+            log.info("dp: per-sample gradients by %s",
+                     "ghost clipping" if self._dp_mode == "ghost" else "per-sample hooks")
+        return net
+
+    def optimizer(self) -> Callable[..., Any]:
+        """``optim.optimizer``: a partial optimizer that the module completes with its parameters."""
+        return instantiate(self.cfg.optim.optimizer)
+
+    def scheduler(self) -> dict[str, Any] | None:
+        """``optim.scheduler`` names one of ``optim.schedulers``: a partial scheduler and Lightning's settings."""
+        name = self.cfg.optim.get("scheduler")
+        if name in (None, "none"):
+            return None
+        table = self.cfg.optim.get("schedulers") or {}
+        if name not in table:
+            raise BloodflError(f"unknown optim.scheduler {name!r}; valid: null, {', '.join(table)}")
+        if name == "plateau" and self.dp_settings() is not None:
+            raise BloodflError("optim.scheduler=plateau reacts to validation loss, which is not protected by DP "
+                               "(it would release client data); use optim.scheduler=cosine or null with dp=true")
+        return instantiate(table[name])
+
+    def module(self, net: nn.Module, num_classes: int, class_counts: np.ndarray | None = None,
+               privacy: ClientPrivacy | None = None) -> ClassifierModule:
+        """The LightningModule; ``class_counts`` of its training data when ``class_weights=true``."""
+        weights = None
+        if self.cfg.get("class_weights"):
+            from bloodfl.data.checks import class_weights
+
+            assert class_counts is not None
+            weights = class_weights(np.asarray(class_counts).tolist())
+        return ClassifierModule(net, num_classes=num_classes, optimizer=self.optimizer(),
+                                scheduler=self.scheduler(), class_weights=weights, privacy=privacy)
+
+    # ---- training loop ---------------------------------------------------------------------------------------
+
+    def callbacks(self) -> list[pl.Callback]:
+        return _instantiate_each(self.cfg.get("callbacks"))
+
+    def loggers(self) -> list[Any]:
+        return _instantiate_each(self.cfg.get("logger"))
+
+    def trainer(self, callbacks: list[pl.Callback], loggers: list[Any]) -> pl.Trainer:
+        self._check_precision()
+        return instantiate(self.cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+    def trainer_factory(self) -> TrainerFactory:
+        """``trainer.*`` for trainers that set their own epochs, callbacks and outputs (federated clients, the
+        server's evaluator): keyword arguments given to the factory replace the config's."""
+        self._check_precision()
+        base = dict(logger=False, enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
+                    enable_progress_bar=bool(self.cfg.get("fl", {}).get("progress_bar", False)))
+        return functools.partial(instantiate, self.cfg.trainer, **base)
+
+    def _check_precision(self) -> None:
+        if self.dp_settings() is not None:
+            from bloodfl.privacy.engine import check_precision
+
+            check_precision(self.cfg.trainer.get("precision"))
+
+    # ---- privacy ---------------------------------------------------------------------------------------------
+
+    def dp_settings(self) -> DPSettings | None:
+        """The ``dp`` group as settings, or None with dp=false."""
+        node = self.cfg.get("dp")
+        if node is None:
+            return None
+        return DPSettings.from_config(OmegaConf.to_container(node, resolve=True))
+
+    def client_privacy(self, name: str, num_samples: int, steps_per_epoch: int, epochs: int) -> ClientPrivacy | None:
+        """One accountant for every DP step a client (or the centralized trainer) takes in the whole run."""
+        settings = self.dp_settings()
+        if settings is None:
+            return None
+        mode = self._dp_mode
+        if mode is None:
+            raise BloodflError("dp=true but the network was not built by Root.network, so it is not DP-ready")
+        return ClientPrivacy(settings, num_samples=num_samples, steps_per_epoch=steps_per_epoch,
+                             total_steps=epochs * steps_per_epoch, grad_sample_mode=mode, name=name)
+
+    def dp_record(self) -> dict[str, Any]:
+        """The dp settings as given, for privacy.json."""
+        out = OmegaConf.to_container(self.cfg.dp, resolve=True)
+        assert isinstance(out, dict)
+        return out
+
+    def centralized_epochs(self) -> int:
+        epochs = self.cfg.trainer.get("max_epochs")
+        if self.dp_settings() is not None and (epochs is None or int(epochs) < 1):
+            raise BloodflError("dp=true needs a finite trainer.max_epochs to plan the privacy budget")
+        return int(epochs or 1)
+
+    # ---- federation ------------------------------------------------------------------------------------------
+
+    @property
+    def fl(self) -> DictConfig:
+        return self.cfg.fl
+
+    def round_settings(self) -> Any:
+        from bloodfl.fl.loop import RoundSettings
+
+        fl = self.fl
+        return RoundSettings(rounds=int(fl.rounds), local_epochs=int(fl.local_epochs),
+                             fraction_fit=float(fl.fraction_fit), seed=self.seed,
+                             keep_checkpoints=fl.get("keep_checkpoints"))
+
+    def shards(self, dm: BloodDataModule) -> list[np.ndarray]:
+        from bloodfl.fl.partition import partition
+
+        fl = self.fl
+        assert dm.table is not None
+        return partition(dm.labels, dm.idx["train"], int(fl.num_clients), str(fl.partition), seed=self.seed,
+                         alpha=float(fl.alpha), groups=dm.table.groups, min_size=fl.get("min_size"))
+
+    def client_split(self, dm: BloodDataModule, shard: np.ndarray, cid: int) -> tuple[np.ndarray, np.ndarray]:
+        """A client's (train, local validation) indices: the same group-aware hold-out as the central split."""
+        from bloodfl.data.splits import holdout
+
+        groups = None if dm.split_groups is None else np.asarray(dm.split_groups, dtype=object)
+        return holdout(dm.labels, groups, float(self.fl.val_fraction), self.seed + cid, np.sort(shard), strict=False)
+
+    def strategy(self) -> Any:
+        name = str(self.fl.strategy)
+        table = self.fl.get("strategies") or {}
+        if name not in table:
+            raise BloodflError(f"unknown fl.strategy {name!r}; valid: {', '.join(table)}")
+        return instantiate(table[name])
