@@ -120,6 +120,12 @@ def check_precision(precision: object) -> None:
                            "use trainer.precision=32-true")
 
 
+def new_secret() -> int:
+    """128 bits from the operating system's CSPRNG. Tests that compare two separate runs bit for bit replace
+    this function (monkeypatch) with a deterministic one; nothing in configuration can set a secret."""
+    return secrets.randbits(128)
+
+
 class ClientSecret:
     """The randomness of a client's DP mechanism: Gaussian noise and Poisson sampling masks.
 
@@ -139,7 +145,7 @@ class ClientSecret:
     _MT_WORDS, _MT_OFFSET, _CPU_STATE_BYTES = 624, 24, 5056  # torch's CPUGeneratorImplState layout
 
     def __init__(self, secret: int | None = None) -> None:
-        self._secret = secrets.randbits(128) if secret is None else int(secret)
+        self._secret = new_secret() if secret is None else int(secret)
         self._generators: dict[str, torch.Generator] = {}
 
     def generator(self, purpose: str, device: torch.device | str = "cpu") -> torch.Generator:
