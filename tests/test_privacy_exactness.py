@@ -206,3 +206,22 @@ def test_empty_poisson_batch_is_a_noise_only_accounted_step(mode: str) -> None:
             if empty:
                 break
     assert empty >= 1
+
+
+# --- 7. every registry model can be made private (xception: out-of-place residual add) -----------------------
+
+def test_xception_is_made_private_and_computes_what_timm_computes() -> None:
+    from bloodfl.models.registry import build_classifier
+    from bloodfl.privacy.compat import _out_of_place_residuals
+    from bloodfl.privacy.engine import prepare_model
+
+    torch.manual_seed(0)
+    net = build_classifier("xception", 3, 32).eval()
+    x = torch.randn(2, 3, 32, 32)
+    patched = copy.deepcopy(net)
+    assert _out_of_place_residuals(patched) == ["made the residual add out-of-place in 12 Block"]
+    with torch.no_grad():
+        torch.testing.assert_close(patched(x), net(x))
+    for mode in ("ghost", "hooks"):
+        _, changes, got = prepare_model(copy.deepcopy(net).train(), (3, 32, 32), mode)
+        assert got == mode and any("out-of-place in 12 Block" in c for c in changes)

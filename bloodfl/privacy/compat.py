@@ -31,6 +31,7 @@ from opacus.validators import ModuleValidator
 from timm.layers import GroupNormAct
 from timm.models.resnet import BasicBlock, Bottleneck
 from timm.models.vision_transformer import VisionTransformer
+from timm.models.xception import Block as XceptionBlock
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -154,7 +155,17 @@ class OutOfPlaceBottleneck(Bottleneck):
         return self.act3(x + shortcut)
 
 
-_OUT_OF_PLACE = {BasicBlock: OutOfPlaceBasicBlock, Bottleneck: OutOfPlaceBottleneck}
+class OutOfPlaceXceptionBlock(XceptionBlock):
+    """timm's legacy Xception block with an out-of-place residual add (``x += skip`` breaks Opacus' hooks)."""
+
+    def forward(self, inp: torch.Tensor) -> torch.Tensor:
+        x = self.rep(inp)
+        skip = self.skipbn(self.skip(inp)) if self.skip is not None else inp
+        return x + skip
+
+
+_OUT_OF_PLACE = {BasicBlock: OutOfPlaceBasicBlock, Bottleneck: OutOfPlaceBottleneck,
+                 XceptionBlock: OutOfPlaceXceptionBlock}
 
 
 def _out_of_place_residuals(model: nn.Module) -> list[str]:
