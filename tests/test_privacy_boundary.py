@@ -173,6 +173,11 @@ def test_restore_after_attach_continues_the_restored_stream() -> None:
     dst.load_state_dict(state)
     assert torch.equal(torch.randn(5, generator=held), expected)
 
+    later = ClientSecret()  # restored before the generator is made: it starts at the restored position
+    later.load_state_dict(state)
+    assert later.state_dict() == state  # a checkpoint taken before any use keeps the positions
+    assert torch.equal(torch.randn(5, generator=later.generator("noise")), expected)
+
 
 def test_secure_mode_fails_clearly_without_torchcsprng() -> None:
     try:

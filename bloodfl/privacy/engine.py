@@ -147,14 +147,22 @@ class ClientSecret:
     def __init__(self, secret: int | None = None) -> None:
         self._secret = new_secret() if secret is None else int(secret)
         self._generators: dict[str, torch.Generator] = {}
+        self._pending: dict[str, str] = {}  # restored positions of generators not made yet (hex states)
 
     def generator(self, purpose: str, device: torch.device | str = "cpu") -> torch.Generator:
-        """The run-long generator for ``purpose`` on ``device`` (made from the secret on first use)."""
+        """The run-long generator for ``purpose`` on ``device`` (made from the secret on first use, or at the
+        position a loaded state_dict recorded for it)."""
         key = f"{purpose}@{torch.device(device)}"
         if key not in self._generators:
             self._generators[key] = torch.Generator(device=torch.device(device))
-            self._reseed(key)
+            if key in self._pending:
+                self._set(key, self._pending.pop(key))
+            else:
+                self._reseed(key)
         return self._generators[key]
+
+    def _set(self, key: str, hex_state: str) -> None:
+        self._generators[key].set_state(torch.tensor(list(bytes.fromhex(hex_state)), dtype=torch.uint8))
 
     def _stream(self, key: str, nbytes: int) -> bytes:
         out, counter = b"", 0
@@ -181,19 +189,18 @@ class ClientSecret:
 
     def state_dict(self) -> dict[str, Any]:
         # hex strings: survive torch.save(weights_only=True) and JSON alike
-        return {"secret": f"{self._secret:032x}",
-                "generators": {k: bytes(g.get_state().tolist()).hex() for k, g in self._generators.items()}}
+        states = {k: bytes(g.get_state().tolist()).hex() for k, g in self._generators.items()}
+        return {"secret": f"{self._secret:032x}", "generators": {**self._pending, **states}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore the secret and every generator's position, in place (a PrivateTraining already holding
-        a generator keeps drawing from the restored stream)."""
+        """Restore the secret and every generator's position. Generators already made are set in place (a
+        PrivateTraining holding one keeps drawing from the restored stream); the others when first made (a
+        generator of a device this process lacks is simply never made)."""
         self._secret = int(state["secret"], 16)
-        saved = dict(state.get("generators", {}))
-        for key in list(self._generators) + [k for k in saved if k not in self._generators]:
-            purpose, _, device = key.partition("@")
-            gen = self.generator(purpose, device) if key not in self._generators else self._generators[key]
-            if key in saved:
-                gen.set_state(torch.tensor(list(bytes.fromhex(saved[key])), dtype=torch.uint8))
+        self._pending = dict(state.get("generators", {}))
+        for key in self._generators:
+            if key in self._pending:
+                self._set(key, self._pending.pop(key))
             else:
                 self._reseed(key)
 
