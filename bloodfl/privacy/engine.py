@@ -15,6 +15,12 @@ then one backward of the loss re-weighted by the clipping factors), with bloodfl
 (norms.py) and an input-only first backward: resnet18 / mobilenetv2 at 64 px train 4-7x faster than with
 stock Opacus in its best mode (bench/bench_dp.py, docs/privacy.md). ``grad_sample_mode=auto`` uses it unless
 the dry run fails, then per-sample hooks.
+
+The mechanism's randomness (Gaussian noise, Poisson masks) comes from the client's own secret
+(``ClientSecret``, in ``ClientPrivacy.state_dict``), never from the public seed; each epoch takes exactly
+``steps_per_epoch`` Poisson steps at q = 1 / steps_per_epoch (``PoissonLoader``), the numbers the plan, the
+accountant and ``report()`` use. Callers must also ``check_precision(trainer precision)``: 16-bit and mixed
+precision break the clip bound.
 """
 
 from __future__ import annotations
