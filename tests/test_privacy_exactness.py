@@ -14,6 +14,7 @@ from opacus.data_loader import DPDataLoader
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from bloodfl.data.augment import Flips
 from bloodfl.data.datamodule import ArrayDataModule, IndexedImages
 from bloodfl.errors import BloodflError
 from bloodfl.privacy.compat import check_private, make_dp_compatible
@@ -183,7 +184,7 @@ def test_empty_poisson_batch_is_a_noise_only_accounted_step(mode: str) -> None:
     images = rng.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
     labels = np.array([0, 1, 2, 0, 1, 2])
     dm = ArrayDataModule(images, labels, train_idx=np.arange(2), val_idx=np.arange(2, 4), test_idx=np.arange(4, 6),
-                         batch_size=1, normalize="minmax", classes=["a", "b", "c"])
+                         batch_size=1, augment=Flips(), normalize="imagenet", classes=["a", "b", "c"])
     loader = dm.train_dataloader()  # 2 images, batches of 1: q = 1/2, a batch is empty with probability 1/4
     privacy = ClientPrivacy(DPSettings(noise_multiplier=1.0), num_samples=2, steps_per_epoch=len(loader),
                             total_steps=200, grad_sample_mode=mode)
@@ -194,7 +195,7 @@ def test_empty_poisson_batch_is_a_noise_only_accounted_step(mode: str) -> None:
     with privacy.attach(model, opt, loader) as private:
         for _ in range(100):
             for x, y in private.loader:
-                x = dm.to_float(x, train=True)
+                x = dm.to_float(x, train=True)  # uint8 -> float, augmentation, normalisation, as in training
                 before = [p.detach().clone() for p in model.parameters()]
                 steps = privacy.steps
                 loss, logits = private.step(x, y)
