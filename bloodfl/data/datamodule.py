@@ -47,7 +47,8 @@ class IndexedImages(Dataset):
         return torch.from_numpy(np.ascontiguousarray(self.images[j])), self.labels[j]
 
     def __getitems__(self, items: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = self.index[np.asarray(items)]
+        # int64 even when empty: a Poisson (DP) batch can draw nobody -> (0, H, W, 3) uint8 and 0 labels
+        rows = self.index[np.asarray(items, dtype=np.int64)]
         order = np.argsort(rows)  # sorted reads are sequential on a memory-mapped cache
         batch = np.empty((len(rows), *self.images.shape[1:]), dtype=np.uint8)
         batch[order] = self.images[rows[order]]

@@ -31,16 +31,18 @@ from opacus.validators import ModuleValidator
 from timm.layers import GroupNormAct
 from timm.models.resnet import BasicBlock, Bottleneck
 from timm.models.vision_transformer import VisionTransformer
+from timm.models.xception import Block as XceptionBlock
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bloodfl.errors import BloodflError
-from bloodfl.privacy.norms import ghost_norm_samplers
+from bloodfl.privacy.norms import ghost_norm_samplers, hooks_grad_samplers
 
 
 def make_dp_compatible(model: nn.Module) -> tuple[nn.Module, list[str]]:
     """Return ``model`` made fit for Opacus (changed in place, or a fixed copy), and one human-readable line
     per kind of change."""
+    _check_padding_modes(model)
     changes: list[str] = []
     changes += _replace_batchnorm(model)
     changes += _disable_inplace(model)
@@ -58,6 +60,14 @@ def make_dp_compatible(model: nn.Module) -> tuple[nn.Module, list[str]]:
         raise BloodflError(f"model cannot be trained with DP: {_first_line(errors[0])}; use another model "
                            "or dp=false")
     return model, changes
+
+
+def _check_padding_modes(model: nn.Module) -> None:
+    """Conv2d with any padding mode has an exact per-sample rule (norms.py); Conv1d/Conv3d only with zeros."""
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Conv1d, nn.Conv3d)) and m.padding_mode != "zeros":
+            raise BloodflError(f"layer {name!r} ({type(m).__name__}, padding_mode={m.padding_mode!r}) has no exact "
+                               "per-sample gradient rule under DP; use padding_mode='zeros', another model or dp=false")
 
 
 def _first_line(exc: Exception) -> str:
@@ -145,7 +155,17 @@ class OutOfPlaceBottleneck(Bottleneck):
         return self.act3(x + shortcut)
 
 
-_OUT_OF_PLACE = {BasicBlock: OutOfPlaceBasicBlock, Bottleneck: OutOfPlaceBottleneck}
+class OutOfPlaceXceptionBlock(XceptionBlock):
+    """timm's legacy Xception block with an out-of-place residual add (``x += skip`` breaks Opacus' hooks)."""
+
+    def forward(self, inp: torch.Tensor) -> torch.Tensor:
+        x = self.rep(inp)
+        skip = self.skipbn(self.skip(inp)) if self.skip is not None else inp
+        return x + skip
+
+
+_OUT_OF_PLACE = {BasicBlock: OutOfPlaceBasicBlock, Bottleneck: OutOfPlaceBottleneck,
+                 XceptionBlock: OutOfPlaceXceptionBlock}
 
 
 def _out_of_place_residuals(model: nn.Module) -> list[str]:
@@ -253,8 +273,9 @@ def check_private(model: nn.Module, input_shape: tuple[int, ...], grad_sample_mo
     except NotImplementedError as exc:  # Opacus reports unsupported layers as a list of errors
         raise BloodflError(f"model cannot be trained with DP: {_first_line(exc)}; use another model or "
                            "dp=false") from exc
+    gsm.GRAD_SAMPLERS = hooks_grad_samplers()  # the rules PrivateTraining uses
     if grad_sample_mode == "ghost":
-        gsm.NORM_SAMPLERS = ghost_norm_samplers()  # the rules PrivateTraining uses
+        gsm.NORM_SAMPLERS = ghost_norm_samplers()
     stack: list[str] = []  # the layers whose forward is running: on an error, the last one is the culprit
     ran: set[str] = set()
 

@@ -15,28 +15,39 @@ then one backward of the loss re-weighted by the clipping factors), with bloodfl
 (norms.py) and an input-only first backward: resnet18 / mobilenetv2 at 64 px train 4-7x faster than with
 stock Opacus in its best mode (bench/bench_dp.py, docs/privacy.md). ``grad_sample_mode=auto`` uses it unless
 the dry run fails, then per-sample hooks.
+
+The mechanism's randomness (Gaussian noise, Poisson masks) comes from the client's own secret
+(``ClientSecret``, in ``ClientPrivacy.state_dict``), never from the public seed; each epoch takes exactly
+``steps_per_epoch`` Poisson steps at q = 1 / steps_per_epoch (``PoissonLoader``), the numbers the plan, the
+accountant and ``report()`` use. Callers must also ``check_precision(trainer precision)``: 16-bit and mixed
+precision break the clip bound.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import logging
 import math
+import secrets
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from opacus import PrivacyEngine
+from opacus.data_loader import DPDataLoader, wrap_collate_with_empty
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 from torch.utils.data import DataLoader
 
 from bloodfl.errors import BloodflError
 from bloodfl.privacy.accountant import MECHANISMS, PrivacyAccountant, calibrate_noise, default_delta
 from bloodfl.privacy.compat import check_private, make_dp_compatible
-from bloodfl.privacy.norms import ghost_norm_samplers
+from bloodfl.privacy.norms import ghost_norm_samplers, hooks_grad_samplers
 
 MODES = ("auto", "ghost", "hooks")
 
@@ -55,6 +66,7 @@ class DPSettings:
     delta: float | None = None  # None: default_delta(n) per client
     accountant: str = "rdp"
     grad_sample_mode: str = "auto"
+    secure_mode: bool = False  # Opacus' secure RNG (torchcsprng) for noise and sampling; see docs/privacy.md
 
     def __post_init__(self) -> None:
         if (self.noise_multiplier is None) == (self.target_epsilon is None):
@@ -71,6 +83,8 @@ class DPSettings:
         if self.grad_sample_mode not in MODES:
             raise BloodflError(f"dp.grad_sample_mode must be one of {', '.join(MODES)}, "
                                f"got {self.grad_sample_mode!r}")
+        if self.secure_mode:
+            check_secure_mode()
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | None) -> DPSettings | None:
@@ -82,6 +96,143 @@ class DPSettings:
         if unknown:
             raise BloodflError(f"unknown dp setting(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
         return cls(**{k: cfg[k] for k in known if k in cfg})
+
+
+def check_secure_mode() -> None:
+    """``dp.secure_mode=true`` needs torchcsprng (Opacus' secure RNG); fail with one line where it is missing."""
+    try:
+        import torchcsprng  # noqa: F401
+    except ImportError:
+        raise BloodflError("dp.secure_mode=true needs the torchcsprng package (cryptographically secure noise and "
+                           "sampling), which is not installed and has no release for this torch/Python (its last, "
+                           "0.2.1, targets torch 1.8); use dp.secure_mode=false: noise and batches then come from "
+                           "the client's secret generator (docs/privacy.md)") from None
+
+
+_FULL_PRECISION = {None, 32, 64, "32", "64", "32-true", "64-true"}
+
+
+def check_precision(precision: object) -> None:
+    """DP-SGD needs full-precision per-sample gradients: 16-bit or mixed precision rounds them after clipping,
+    so one sample's contribution can exceed dp.max_grad_norm (bf16 autocast: up to 1.0085x) and the privacy
+    guarantee no longer holds. Raises a one-line BloodflError for anything but 32/64-bit precision."""
+    key = precision.strip().lower() if isinstance(precision, str) else precision
+    if key not in _FULL_PRECISION:
+        raise BloodflError(f"dp=true cannot train with trainer.precision={precision!r}: 16-bit/mixed precision rounds "
+                           "clipped per-sample gradients past dp.max_grad_norm, which breaks the privacy guarantee; "
+                           "use trainer.precision=32-true")
+
+
+def new_secret() -> int:
+    """128 bits from the operating system's CSPRNG. Tests that compare two separate runs bit for bit replace
+    this function (monkeypatch) with a deterministic one; nothing in configuration can set a secret."""
+    return secrets.randbits(128)
+
+
+class ClientSecret:
+    """The randomness of a client's DP mechanism: Gaussian noise and Poisson sampling masks.
+
+    Both must be unpredictable to whoever sees the client's updates (the server, other clients, the readers of
+    the final model): were they a function of public values (the run seed, the round, the client id), an
+    attacker who knows every record but one could replay the fit per candidate record and recognise the one
+    whose update matches bit for bit. So the secret is 128 bits from the OS' CSPRNG (``secrets``), made here,
+    never derived from configuration, and kept only in the client's own state (``state_dict``).
+
+    Generators are made per purpose ("noise", "sampling") and device, each from the secret through BLAKE2b:
+    a CPU generator gets its whole Mersenne-Twister state (19968 bits) from the secret, since
+    ``torch.Generator.manual_seed`` keeps only 32 bits of a seed on CPU; a CUDA (Philox) generator a 64-bit
+    seed. ``state_dict`` carries the secret and every generator's position, so a resumed or replayed round
+    draws exactly the noise and batches the original would have (no second, differently noised release).
+    """
+
+    _MT_WORDS, _MT_OFFSET, _CPU_STATE_BYTES = 624, 24, 5056  # torch's CPUGeneratorImplState layout
+
+    def __init__(self, secret: int | None = None) -> None:
+        self._secret = new_secret() if secret is None else int(secret)
+        self._generators: dict[str, torch.Generator] = {}
+        self._pending: dict[str, str] = {}  # restored positions of generators not made yet (hex states)
+
+    def generator(self, purpose: str, device: torch.device | str = "cpu") -> torch.Generator:
+        """The run-long generator for ``purpose`` on ``device`` (made from the secret on first use, or at the
+        position a loaded state_dict recorded for it)."""
+        key = f"{purpose}@{torch.device(device)}"
+        if key not in self._generators:
+            self._generators[key] = torch.Generator(device=torch.device(device))
+            if key in self._pending:
+                self._set(key, self._pending.pop(key))
+            else:
+                self._reseed(key)
+        return self._generators[key]
+
+    def _set(self, key: str, hex_state: str) -> None:
+        self._generators[key].set_state(torch.tensor(list(bytes.fromhex(hex_state)), dtype=torch.uint8))
+
+    def _stream(self, key: str, nbytes: int) -> bytes:
+        out, counter = b"", 0
+        while len(out) < nbytes:
+            h = hashlib.blake2b(counter.to_bytes(8, "little") + key.encode(), digest_size=64,
+                                key=self._secret.to_bytes(16, "little"), person=b"bloodfl-dp-rng")
+            out += h.digest()
+            counter += 1
+        return out[:nbytes]
+
+    def _reseed(self, key: str) -> None:
+        gen = self._generators[key]
+        if gen.device.type != "cpu":
+            gen.manual_seed(int.from_bytes(self._stream(key, 8), "little"))
+            return
+        state = torch.Generator().manual_seed(0).get_state()  # valid header: left=1 (twist next), caches empty
+        if state.numel() != self._CPU_STATE_BYTES:
+            raise BloodflError(f"this torch's CPU generator state has {state.numel()} bytes, not "
+                               f"{self._CPU_STATE_BYTES}; bloodfl.privacy.engine.ClientSecret needs updating")
+        words = np.frombuffer(self._stream(key, 4 * self._MT_WORDS), dtype="<u4").astype("<u8")
+        state[self._MT_OFFSET:self._MT_OFFSET + 8 * self._MT_WORDS] = torch.from_numpy(
+            np.frombuffer(words.tobytes(), dtype=np.uint8).copy())
+        gen.set_state(state)
+
+    def state_dict(self) -> dict[str, Any]:
+        # hex strings: survive torch.save(weights_only=True) and JSON alike
+        states = {k: bytes(g.get_state().tolist()).hex() for k, g in self._generators.items()}
+        return {"secret": f"{self._secret:032x}", "generators": {**self._pending, **states}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the secret and every generator's position. Generators already made are set in place (a
+        PrivateTraining holding one keeps drawing from the restored stream); the others when first made (a
+        generator of a device this process lacks is simply never made)."""
+        self._secret = int(state["secret"], 16)
+        self._pending = dict(state.get("generators", {}))
+        for key in self._generators:
+            if key in self._pending:
+                self._set(key, self._pending.pop(key))
+            else:
+                self._reseed(key)
+
+
+class PoissonLoader(DPDataLoader):
+    """Opacus' DPDataLoader with exactly ``steps`` Poisson batches per epoch at ``sample_rate``.
+
+    Opacus' own sampler takes ``int(1 / sample_rate)`` steps, which for about 8% of batch counts k
+    (93, 99, 105, ...) is k - 1 since 1 / (1 / k) rounds below k; bloodfl plans, accounts and records k steps
+    at q = 1 / k, so the loader must take k. The sampling masks come from ``sampler_generator`` (the client's
+    secret one); the loader's own ``generator`` (public; it only seeds worker processes) is kept."""
+
+    def __init__(self, data_loader: DataLoader, *, sample_rate: float, steps: int,
+                 sampler_generator: torch.Generator | None) -> None:
+        dataset = data_loader.dataset
+        self.sample_rate = sample_rate
+        self.distributed = False
+        sampler = UniformWithReplacementSampler(num_samples=len(dataset), sample_rate=sample_rate,  # type: ignore[arg-type]
+                                                generator=sampler_generator, steps=steps)
+        first = dataset[0]
+        DataLoader.__init__(
+            self, dataset=dataset, batch_sampler=sampler,
+            collate_fn=wrap_collate_with_empty(collate_fn=data_loader.collate_fn, batch_first=True,
+                                               sample_empty_shapes=[(0, *getattr(x, "shape", ())) for x in first],
+                                               dtypes=[getattr(x, "dtype", type(x)) for x in first]),
+            num_workers=data_loader.num_workers, pin_memory=data_loader.pin_memory, timeout=data_loader.timeout,
+            worker_init_fn=data_loader.worker_init_fn, multiprocessing_context=data_loader.multiprocessing_context,
+            generator=data_loader.generator, prefetch_factor=data_loader.prefetch_factor,
+            persistent_workers=data_loader.persistent_workers)
 
 
 def prepare_model(model: nn.Module, input_shape: tuple[int, ...],
@@ -127,6 +278,12 @@ class ClientPrivacy:
             self.noise_multiplier = calibrate_noise(settings.target_epsilon, self.delta, self.sample_rate,
                                                     total_steps, settings.accountant)
         self.accountant = PrivacyAccountant(settings.accountant)
+        self.secret = ClientSecret()  # noise and Poisson masks; never derived from public values
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Poisson batches per epoch: exactly 1 / sample_rate (what the loader takes and the plan counts)."""
+        return round(1.0 / self.sample_rate)
 
     @property
     def steps(self) -> int:
@@ -140,12 +297,16 @@ class ClientPrivacy:
         """What privacy.json records for this client."""
         return {"client": self.name, "epsilon": self.epsilon(), "delta": self.delta,
                 "noise_multiplier": self.noise_multiplier, "sample_rate": self.sample_rate,
-                "steps": self.steps, "planned_steps": self.planned_steps, "num_samples": self.num_samples,
-                "grad_sample_mode": self.grad_sample_mode, **{f"dp.{k}": v for k, v in asdict(self.settings).items()}}
+                "steps": self.steps, "planned_steps": self.planned_steps, "steps_per_epoch": self.steps_per_epoch,
+                "num_samples": self.num_samples, "grad_sample_mode": self.grad_sample_mode,
+                # exactly what the accountant composed: [noise multiplier, sample rate, steps] per phase
+                "accountant": self.accountant.mechanism, "history": self.accountant.state_dict()["history"],
+                **{f"dp.{k}": v for k, v in asdict(self.settings).items()}}
 
     def state_dict(self) -> dict[str, Any]:
+        """The client's own checkpoint state: accountant, plan, and its secret randomness (never publish it)."""
         return {"accountant": self.accountant.state_dict(), "noise_multiplier": self.noise_multiplier,
-                "sample_rate": self.sample_rate, "delta": self.delta}
+                "sample_rate": self.sample_rate, "delta": self.delta, "rng": self.secret.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key in ("noise_multiplier", "sample_rate", "delta"):
@@ -157,6 +318,8 @@ class ClientPrivacy:
                 raise BloodflError(f"{self.name}: the checkpoint was trained with {key}={state[key]:.6g} but this run "
                                    f"has {getattr(self, key):.6g}; {hint}")
         self.accountant.load_state_dict(state["accountant"])
+        if "rng" in state:  # checkpoints from before the client secret keep the fresh one made in __init__
+            self.secret.load_state_dict(state["rng"])
 
     def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer, data_loader: DataLoader,
                criterion: nn.Module | None = None) -> PrivateTraining:
@@ -187,23 +350,39 @@ class PrivateTraining:
         self.privacy = privacy
         self.model = model
         self.mode = privacy.grad_sample_mode
-        engine = PrivacyEngine(accountant=privacy.accountant.mechanism)
-        engine.accountant = privacy.accountant.opacus  # steps land in the run-long accountant
+        secure = privacy.settings.secure_mode
+        if secure:
+            check_secure_mode()
         with warnings.catch_warnings(), _quiet("opacus.data_loader"):
-            # documented in docs/privacy.md: secure RNG is off; drop_last is meaningless under Poisson sampling
+            # documented in docs/privacy.md: without secure_mode the noise and the masks come from the client's
+            # secret generators (ClientSecret), not from torchcsprng
             warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
-            out = engine.make_private(module=model, optimizer=optimizer, criterion=criterion,
-                                      data_loader=data_loader, noise_multiplier=privacy.noise_multiplier,
-                                      max_grad_norm=privacy.settings.max_grad_norm, poisson_sampling=True,
-                                      grad_sample_mode=self.mode, wrap_model=False)
+            engine = PrivacyEngine(accountant=privacy.accountant.mechanism, secure_mode=secure)
+            engine.accountant = privacy.accountant.opacus  # steps land in the run-long accountant
+            device = next((p.device for p in model.parameters()), torch.device("cpu"))
+            sampling = engine.secure_rng if secure else privacy.secret.generator("sampling", "cpu")
+            noise = None if secure else privacy.secret.generator("noise", device)
+            # exactly steps_per_epoch batches at q = 1 / steps_per_epoch: what was planned is what is accounted
+            poisson = PoissonLoader(data_loader, sample_rate=privacy.sample_rate, steps=privacy.steps_per_epoch,
+                                    sampler_generator=sampling)
+            out = engine.make_private(module=model, optimizer=optimizer, criterion=criterion, data_loader=poisson,
+                                      noise_multiplier=privacy.noise_multiplier,
+                                      max_grad_norm=privacy.settings.max_grad_norm, poisson_sampling=False,
+                                      noise_generator=noise, grad_sample_mode=self.mode, wrap_model=False)
         if self.mode == "ghost":
             self.hooks, self.optimizer, _, self.loader = out  # Opacus' DP loss is replaced by _ghost_backward
             self.hooks.NORM_SAMPLERS = ghost_norm_samplers()  # exact conv norms, ~4x faster (norms.py)
         else:
             self.hooks, self.optimizer, self.loader = out
+        self.hooks.GRAD_SAMPLERS = hooks_grad_samplers()  # convolutions with non-zero padding modes (norms.py)
+        self.hooks.forbid_grad_accumulation()  # what make_private does under its own Poisson sampling
+        if len(self.loader) != privacy.steps_per_epoch or self.optimizer.expected_batch_size != \
+                int(len(data_loader.dataset) * privacy.sample_rate):  # type: ignore[arg-type]
+            raise BloodflError(f"{privacy.name}: the DP loader does not take the planned "
+                               f"{privacy.steps_per_epoch} steps per epoch")
         self.criterion = criterion
         self.per_sample_loss = copy.copy(criterion)
-        self.per_sample_loss.reduction = "none"
+        self.per_sample_loss.reduction = "none"  # each sample's class weight applies to its own loss only
         self._trainable = [p for p in model.parameters() if p.requires_grad]
         self._all_trainable = all(p.requires_grad for p in model.parameters())
 
@@ -214,15 +393,20 @@ class PrivateTraining:
             self._noise_only_step()
             return None, None
         if self.mode == "ghost":
-            loss, logits = self._ghost_backward(x, y)
+            logits = self._ghost_backward(x, y)
         else:
+            # per-sample losses, each with its own class weight, averaged over the batch: Opacus' hooks
+            # (loss_reduction="mean") multiply by the batch size, so each per-sample gradient is that sample's
+            # alone. A class-weighted criterion's own mean divides by the batch's summed weights instead, which
+            # ties every sample's gradient to the rest of the batch (sensitivity above max_grad_norm).
             logits = self.model(x)
-            loss = self.criterion(logits, y)
-            loss.backward()
+            self.per_sample_loss(logits, y).mean().backward()
         self.optimizer.step()
-        return loss.detach(), logits.detach()
+        with torch.no_grad():  # what is logged: the criterion as configured (as val/loss), not what was clipped
+            loss = self.criterion(logits.detach(), y)
+        return loss, logits.detach()
 
-    def _ghost_backward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _ghost_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Ghost clipping: a backward that only feeds Opacus' hooks the per-sample gradient norms, then the
         backward of the loss re-weighted by each sample's clipping factor (= the sum of clipped gradients).
 
@@ -232,7 +416,7 @@ class PrivateTraining:
         input_pass = self._all_trainable
         x = x.detach().requires_grad_(input_pass)
         logits = self.model(x)
-        per_sample = self.per_sample_loss(logits, y)
+        per_sample = self.per_sample_loss(logits, y)  # each sample's class weight on its own loss only
         loss = per_sample.mean()  # loss_reduction="mean", as the hooks and the DPOptimizer expect
         if input_pass:
             torch.autograd.grad(loss, x, retain_graph=True)
@@ -247,7 +431,7 @@ class PrivateTraining:
             (coeff.to(per_sample.dtype) * per_sample).sum().backward()
         finally:
             self.hooks.enable_hooks()
-        return loss, logits
+        return logits
 
     def _noise_only_step(self) -> None:
         for p in self.optimizer.params:
