@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import json
 from pathlib import Path
 
@@ -150,7 +151,9 @@ def _toy_client(mu: float) -> tuple[float, float]:
     images = np.random.default_rng(0).integers(0, 255, (64, 8, 8, 3), dtype=np.uint8)
     labels = np.arange(64) % 4
     dm = ArrayDataModule(images, labels, train_idx=np.arange(64), batch_size=8, classes=list("abcd"))
-    client = FLClient(0, ClassifierModule(net, 4, lr=0.05), dm, {"accelerator": "cpu"})
+    module = ClassifierModule(net, 4, optimizer=functools.partial(torch.optim.Adam, lr=0.05))
+    client = FLClient(0, module, dm, functools.partial(pl.Trainer, accelerator="cpu", logger=False,
+                                                       enable_checkpointing=False, enable_progress_bar=False))
     start = client.get_weights()
     config = {"seed": 1, "local_epochs": 3, **({"proximal_mu": mu} if mu else {})}
     res = client.fit(start, 1, config)

@@ -1,6 +1,6 @@
 """``federate.py dp=true``: each client's cumulative ε per round as Opacus computes it, the target met by every
 client, privacy.json, and the real all_pbs command. (Exact resume of DP accountants is checked in
-tests/test_fl_run.py::test_dp_clients_keep_accountants_across_resume.)"""
+tests/test_fl_dp.py.)"""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def test_each_clients_epsilon_per_round_is_what_opacus_computes(tmp_path: Path) 
     rows = _rounds(tmp_path)
     doc = json.loads((tmp_path / "privacy.json").read_text())
     for c in range(3):
-        n = int(rows[0][f"client{c}/examples"])
+        n = doc["clients"][c]["num_samples"]  # the count stays with the client: rounds.csv does not show it
         batches, delta = _batches(n), min(1e-5, 0.1 / n)
         eps = [float(r[f"client{c}/epsilon"]) for r in rows]
         for k, e in enumerate(eps, start=1):
@@ -62,7 +62,7 @@ def test_every_client_meets_the_target(tmp_path: Path) -> None:
     assert len(sizes) > 1  # unequal clients get their own noise for the same target
     for c in doc["clients"]:
         assert 1.6 <= c["epsilon"] <= 2.0, c
-    assert metrics["dp/epsilon_max"] == doc["worst"]["epsilon"] <= 2.0
+    assert metrics["dp/epsilon"] == doc["worst"]["epsilon"] <= 2.0
 
 
 def test_resume_cannot_stretch_a_calibrated_budget(tmp_path: Path) -> None:

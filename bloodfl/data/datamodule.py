@@ -84,18 +84,18 @@ class ArrayDataModule(pl.LightningDataModule):
         self.batch_size = batch_size
         self.augment = augment
         self.normalize = normalize
-        self.poisson: tuple[float, torch.Generator | None] | None = None  # see use_poisson_sampling
+        self.poisson: tuple[float, int, torch.Generator | None] | None = None  # see use_poisson_sampling
         mean, std = NORMALIZATION[normalize]
         self.register_mean_std = (torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1))
         self.num_workers = num_workers
         self.classes = classes
         self.generator = torch.Generator().manual_seed(seed)
 
-    def use_poisson_sampling(self, sample_rate: float, generator: torch.Generator | None) -> None:
+    def use_poisson_sampling(self, sample_rate: float, steps: int, generator: torch.Generator | None) -> None:
         """DP-SGD's sampling for the training loader: each image joins each batch independently with probability
-        ``sample_rate`` (Opacus' UniformWithReplacementSampler), drawn from ``generator`` — the client's own
-        secret one, so nobody else can predict the batches. Validation and test loaders are unchanged."""
-        self.poisson = (sample_rate, generator)
+        ``sample_rate``, ``steps`` batches per epoch, drawn from ``generator`` — the client's own secret one, so
+        nobody else can predict the batches. Validation and test loaders are unchanged."""
+        self.poisson = (sample_rate, steps, generator)
 
     def reseed(self, seed: int) -> None:
         """Restart the shuffling order from ``seed`` (federated rounds reseed for exact resume)."""
@@ -116,12 +116,11 @@ class ArrayDataModule(pl.LightningDataModule):
             raise BloodflError(f"the {split} split is empty; check the split settings")
         ds = IndexedImages(self.images, self.labels, index)
         if train and self.poisson is not None:
-            from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+            from bloodfl.privacy.sampling import PoissonLoader
 
-            sample_rate, generator = self.poisson
-            sampler = UniformWithReplacementSampler(num_samples=len(ds), sample_rate=sample_rate, generator=generator)
-            return DataLoader(ds, batch_sampler=sampler, collate_fn=_as_batch, num_workers=self.num_workers,
-                              persistent_workers=self.num_workers > 0)
+            sample_rate, steps, generator = self.poisson
+            return PoissonLoader(ds, sample_rate=sample_rate, steps=steps, generator=generator, collate_fn=_as_batch,
+                                 num_workers=self.num_workers, public_generator=self.generator)
         return DataLoader(
             ds,
             batch_size=self.batch_size,

@@ -94,7 +94,7 @@ class FederatedTask:
             data = root.client_datamodule(dm, train, val)
             privacy = root.client_privacy(f"client{cid}", len(train), len(data.train_dataloader()), epochs)
             if privacy is not None:
-                data.use_poisson_sampling(privacy.sample_rate, privacy.generator)
+                data.use_poisson_sampling(privacy.sample_rate, privacy.steps_per_epoch, privacy.sampling_generator())
             module = root.module(copy.deepcopy(net), dm.num_classes, data.class_counts("train"), privacy)
             clients.append(FLClient(cid, module, data, make_trainer, release_count=not private,
                                     local_log=out / "clients" / f"client{cid}.csv" if private else None))

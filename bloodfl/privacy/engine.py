@@ -25,22 +25,19 @@ precision break the clip bound.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
-import logging
 import math
 import secrets
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from opacus import PrivacyEngine
-from opacus.data_loader import DPDataLoader, wrap_collate_with_empty
-from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from opacus.grad_sample import prepare_module
+from opacus.optimizers import get_optimizer_class
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -208,33 +205,6 @@ class ClientSecret:
                 self._reseed(key)
 
 
-class PoissonLoader(DPDataLoader):
-    """Opacus' DPDataLoader with exactly ``steps`` Poisson batches per epoch at ``sample_rate``.
-
-    Opacus' own sampler takes ``int(1 / sample_rate)`` steps, which for about 8% of batch counts k
-    (93, 99, 105, ...) is k - 1 since 1 / (1 / k) rounds below k; bloodfl plans, accounts and records k steps
-    at q = 1 / k, so the loader must take k. The sampling masks come from ``sampler_generator`` (the client's
-    secret one); the loader's own ``generator`` (public; it only seeds worker processes) is kept."""
-
-    def __init__(self, data_loader: DataLoader, *, sample_rate: float, steps: int,
-                 sampler_generator: torch.Generator | None) -> None:
-        dataset = data_loader.dataset
-        self.sample_rate = sample_rate
-        self.distributed = False
-        sampler = UniformWithReplacementSampler(num_samples=len(dataset), sample_rate=sample_rate,  # type: ignore[arg-type]
-                                                generator=sampler_generator, steps=steps)
-        first = dataset[0]
-        DataLoader.__init__(
-            self, dataset=dataset, batch_sampler=sampler,
-            collate_fn=wrap_collate_with_empty(collate_fn=data_loader.collate_fn, batch_first=True,
-                                               sample_empty_shapes=[(0, *getattr(x, "shape", ())) for x in first],
-                                               dtypes=[getattr(x, "dtype", type(x)) for x in first]),
-            num_workers=data_loader.num_workers, pin_memory=data_loader.pin_memory, timeout=data_loader.timeout,
-            worker_init_fn=data_loader.worker_init_fn, multiprocessing_context=data_loader.multiprocessing_context,
-            generator=data_loader.generator, prefetch_factor=data_loader.prefetch_factor,
-            persistent_workers=data_loader.persistent_workers)
-
-
 def prepare_model(model: nn.Module, input_shape: tuple[int, ...],
                   grad_sample_mode: str = "auto") -> tuple[nn.Module, list[str], str]:
     """Make ``model`` DP-compatible (in place), prove it on a dry run, and resolve ``auto`` to a mode.
@@ -321,65 +291,72 @@ class ClientPrivacy:
         if "rng" in state:  # checkpoints from before the client secret keep the fresh one made in __init__
             self.secret.load_state_dict(state["rng"])
 
-    def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer, data_loader: DataLoader,
+    def sampling_generator(self) -> torch.Generator | None:
+        """Where the Poisson masks come from: the client's secret generator (or the secure RNG in secure mode)."""
+        if self.settings.secure_mode:
+            return _secure_generator()
+        return self.secret.generator("sampling", "cpu")
+
+    def poisson_loader(self, data_loader: DataLoader) -> DataLoader:
+        """``data_loader``'s data set drawn the DP way: exactly ``steps_per_epoch`` Poisson batches per epoch
+        at this plan's sample rate, from the client's secret generator."""
+        from bloodfl.privacy.sampling import PoissonLoader
+
+        if len(data_loader) != self.steps_per_epoch:
+            raise BloodflError(f"{self.name}: the training loader has {len(data_loader)} batches per epoch but "
+                               f"the DP plan assumed {self.steps_per_epoch}; build ClientPrivacy with "
+                               "steps_per_epoch=len(loader)")
+        return PoissonLoader(data_loader.dataset, sample_rate=self.sample_rate, steps=self.steps_per_epoch,
+                             generator=self.sampling_generator(), collate_fn=data_loader.collate_fn,
+                             num_workers=data_loader.num_workers, public_generator=data_loader.generator)
+
+    def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer, data_loader: DataLoader | None = None,
                criterion: nn.Module | None = None) -> PrivateTraining:
-        """DP versions of optimizer, loader and loss for one local fit; steps are added to this accountant."""
-        return PrivateTraining(self, model, optimizer, data_loader, criterion or nn.CrossEntropyLoss())
+        """DP-SGD for one fit (per-sample clipping, noise, accounting in this accountant). The batches must be
+        Poisson batches of this plan: a DataModule switched with ``use_poisson_sampling`` draws them; given a
+        plain ``data_loader``, the returned object's ``loader`` draws them from its data set."""
+        private = PrivateTraining(self, model, optimizer, criterion or nn.CrossEntropyLoss())
+        if data_loader is not None:
+            private.loader = self.poisson_loader(data_loader)
+        return private
 
 
-@contextlib.contextmanager
-def _quiet(logger_name: str) -> Iterator[None]:
-    logger = logging.getLogger(logger_name)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
+def _secure_generator() -> torch.Generator:
+    check_secure_mode()
+    import torchcsprng  # type: ignore[import-not-found]
+
+    return torchcsprng.create_random_device_generator("/dev/urandom")
 
 
 class PrivateTraining:
     """Opacus objects for one fit: hooks on the (unwrapped) model, DPOptimizer, Poisson DPDataLoader."""
 
     def __init__(self, privacy: ClientPrivacy, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 data_loader: DataLoader, criterion: nn.Module) -> None:
-        if not math.isclose(1.0 / len(data_loader), privacy.sample_rate, rel_tol=1e-9):
-            raise BloodflError(f"{privacy.name}: the training loader has {len(data_loader)} batches per epoch but "
-                               f"the DP plan assumed {round(1 / privacy.sample_rate)}; build ClientPrivacy with "
-                               "steps_per_epoch=len(loader)")
+                 criterion: nn.Module) -> None:
         self.privacy = privacy
         self.model = model
         self.mode = privacy.grad_sample_mode
-        secure = privacy.settings.secure_mode
-        if secure:
-            check_secure_mode()
-        with warnings.catch_warnings(), _quiet("opacus.data_loader"):
-            # documented in docs/privacy.md: without secure_mode the noise and the masks come from the client's
-            # secret generators (ClientSecret), not from torchcsprng
-            warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
-            engine = PrivacyEngine(accountant=privacy.accountant.mechanism, secure_mode=secure)
-            engine.accountant = privacy.accountant.opacus  # steps land in the run-long accountant
-            device = next((p.device for p in model.parameters()), torch.device("cpu"))
-            sampling = engine.secure_rng if secure else privacy.secret.generator("sampling", "cpu")
-            noise = None if secure else privacy.secret.generator("noise", device)
-            # exactly steps_per_epoch batches at q = 1 / steps_per_epoch: what was planned is what is accounted
-            poisson = PoissonLoader(data_loader, sample_rate=privacy.sample_rate, steps=privacy.steps_per_epoch,
-                                    sampler_generator=sampling)
-            out = engine.make_private(module=model, optimizer=optimizer, criterion=criterion, data_loader=poisson,
-                                      noise_multiplier=privacy.noise_multiplier,
-                                      max_grad_norm=privacy.settings.max_grad_norm, poisson_sampling=False,
-                                      noise_generator=noise, grad_sample_mode=self.mode, wrap_model=False)
+        self.loader: DataLoader | None = None  # set by ClientPrivacy.attach when it was given a plain loader
+        settings = privacy.settings
+        # Opacus' own building blocks, as PrivacyEngine.make_private assembles them, minus its data loader: the
+        # DataModule draws the Poisson batches (use_poisson_sampling), from the client's secret generator
+        extra = {"max_grad_norm": settings.max_grad_norm} if self.mode == "ghost" else {}
+        self.hooks = prepare_module(model, grad_sample_mode=self.mode, wrap_model=False, batch_first=True,
+                                    loss_reduction="mean", **extra)
+        self.hooks.forbid_grad_accumulation()  # each step must see exactly one Poisson batch
         if self.mode == "ghost":
-            self.hooks, self.optimizer, _, self.loader = out  # Opacus' DP loss is replaced by _ghost_backward
             self.hooks.NORM_SAMPLERS = ghost_norm_samplers()  # exact conv norms, ~4x faster (norms.py)
-        else:
-            self.hooks, self.optimizer, self.loader = out
         self.hooks.GRAD_SAMPLERS = hooks_grad_samplers()  # convolutions with non-zero padding modes (norms.py)
-        self.hooks.forbid_grad_accumulation()  # what make_private does under its own Poisson sampling
-        if len(self.loader) != privacy.steps_per_epoch or self.optimizer.expected_batch_size != \
-                int(len(data_loader.dataset) * privacy.sample_rate):  # type: ignore[arg-type]
-            raise BloodflError(f"{privacy.name}: the DP loader does not take the planned "
-                               f"{privacy.steps_per_epoch} steps per epoch")
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        noise = _secure_generator() if settings.secure_mode else privacy.secret.generator("noise", device)
+        optim_class = get_optimizer_class(clipping="flat", distributed=False, grad_sample_mode=self.mode)
+        self.optimizer = optim_class(optimizer=optimizer, noise_multiplier=privacy.noise_multiplier,
+                                     max_grad_norm=settings.max_grad_norm,
+                                     expected_batch_size=int(privacy.num_samples * privacy.sample_rate),
+                                     loss_reduction="mean", generator=noise, secure_mode=settings.secure_mode)
+        # every step lands in the run-long accountant, at exactly the recorded sample rate
+        self.optimizer.attach_step_hook(privacy.accountant.opacus.get_optimizer_hook_fn(
+            sample_rate=privacy.sample_rate))
         self.criterion = criterion
         self.per_sample_loss = copy.copy(criterion)
         self.per_sample_loss.reduction = "none"  # each sample's class weight applies to its own loss only

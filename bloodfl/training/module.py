@@ -126,7 +126,7 @@ class ClassifierModule(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.parameters())
         if self.privacy is not None:
-            self.private = self.privacy.attach(self.net, optimizer, self.criterion)
+            self.private = self.privacy.attach(self.net, optimizer, criterion=self.criterion)
             optimizer = self.private.optimizer
         if self.scheduler_config is None:
             return optimizer

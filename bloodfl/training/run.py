@@ -27,7 +27,7 @@ class CentralizedTask:
         privacy = root.client_privacy("central", len(dm.idx["train"]), len(dm.train_dataloader()),
                                       root.centralized_epochs())
         if privacy is not None:
-            dm.use_poisson_sampling(privacy.sample_rate, privacy.generator)
+            dm.use_poisson_sampling(privacy.sample_rate, privacy.steps_per_epoch, privacy.sampling_generator())
         module = root.module(net, dm.num_classes, dm.class_counts("train"), privacy)
         trainer = root.trainer(root.callbacks(), ctx.loggers)
         trainer.fit(module, datamodule=dm)
