@@ -3,8 +3,8 @@
 
 * ``bloodfl``       — bloodfl's real training path: ClassifierModule in a Lightning Trainer over an
                       ArrayDataModule of uint8 images (batch gather, float conversion, normalisation), with
-                      ``DPCallback`` (dp=true: ghost clipping with bloodfl's convolution norms and an input-only
-                      first backward) or without (dp=false);
+                      ``ClassifierModule(privacy=...)`` (dp=true: ghost clipping with bloodfl's convolution
+                      norms and an input-only first backward) or without (dp=false);
 * ``opacus-ghost`` / ``opacus-hooks`` — a plain loop: the same DP-compatible network (bloodfl.privacy.compat),
                       stock ``PrivacyEngine.make_private`` in that grad_sample_mode, Poisson DPDataLoader over float
                       tensors, Adam, nothing else; ``torch`` — the same plain loop without DP;
@@ -21,6 +21,7 @@ repeat and the best repeat counts, so a busy machine (other jobs) penalises them
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -85,11 +86,12 @@ def bloodfl_run(name: str, size: int, batch: int, steps: int, dp: bool) -> Calla
     if dp:
         net, _, mode = prepare_model(net, (3, size, size), "auto")
         privacy = ClientPrivacy(DPSettings(noise_multiplier=1.0), n, len(dm.train_dataloader()), 10_000, mode)
-    module = ClassifierModule(net, CLASSES, lr=LR)
+        dm.use_poisson_sampling(privacy.sample_rate, privacy.steps_per_epoch, privacy.sampling_generator())
+    module = ClassifierModule(net, CLASSES, optimizer=functools.partial(torch.optim.Adam, lr=LR), privacy=privacy)
 
     def measure() -> float:
         meter = Throughput(warmup=1)
-        callbacks: list[pl.Callback] = [meter] + ([privacy.callback()] if privacy else [])
+        callbacks: list[pl.Callback] = [meter]
         with quiet_lightning():
             trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, callbacks=callbacks,
                                  enable_checkpointing=False, enable_progress_bar=False,

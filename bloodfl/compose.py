@@ -150,6 +150,9 @@ class Root:
     def network(self, num_classes: int) -> nn.Module:
         """The model config's backbone with the papers' head; DP-compatible layers when dp=true."""
         net = instantiate(self.cfg.model, num_classes=num_classes, image_size=self.image_size, _convert_="all")
+        params = sum(p.numel() for p in net.parameters())
+        log.info("model: %s, %.2fM parameters, %d px input, %d classes", self.cfg.model.name, params / 1e6,
+                 self.image_size, num_classes)
         plan = self.dp_settings()
         if plan is not None:  # before any optimizer exists and before federated clients copy the network
             net, changes, self._dp_mode = prepare_model(net, (3, self.image_size, self.image_size),

@@ -46,10 +46,11 @@ def quiet_known_notices() -> None:
     warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated.*")
+    warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
     logging.getLogger("opacus.data_loader").setLevel(logging.ERROR)
 
 
-def task_wrapper(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
+def task_wrapper(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Run one job; a user error (BloodflError) becomes one line ``bloodfl: error: ...`` instead of a traceback.
 
     A single run then exits with status 2. In a multirun the job fails alone: its line is printed and left in
@@ -58,16 +59,16 @@ def task_wrapper(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]
     """
 
     @functools.wraps(fn)
-    def wrapper(cfg: DictConfig) -> Any:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(cfg)
+            return fn(*args, **kwargs)
         except BloodflError as exc:
             line = f"bloodfl: error: {exc}"
             print(line, file=sys.stderr)
             if not _in_multirun():
                 sys.exit(2)
             log.error(line)
-            out = Path(cfg.paths.output_dir)
+            out = Path(args[0].paths.output_dir)
             out.mkdir(parents=True, exist_ok=True)
             (out / ERROR_FILE).write_text(line + "\n")
             return None
@@ -105,19 +106,21 @@ class FailedJobsReport(Callback):
 
 
 def bool_group_choices(conf_dir: Path, argv: list[str] | None = None) -> None:
-    """Let ``dp=true`` (and ``dp=true,false``) select conf/dp/true.yaml as typed.
+    """Let ``dp=true`` (and ``dp=true,false``) select conf/dp/true.yaml, and ``experiment=null`` select no
+    experiment, as typed.
 
-    Hydra's grammar reads ``true`` as a boolean, which it refuses as a config-group choice. Only overrides of a
-    group that has an option named ``true`` or ``false`` whose value Hydra parses as a boolean (or a plain
-    comma list of them) are rewritten, to the quoted form Hydra accepts; every other override — sweep functions
-    such as ``glob(...)``, ``choice(...)``, ``range(...)``, ``experiment=null`` — is left exactly as typed."""
+    Hydra's grammar reads ``true`` as a boolean and ``null`` as None, both of which it refuses as a config-group
+    choice. Only overrides of a group that has an option named ``true`` or ``false`` whose value Hydra parses as
+    a boolean (or a plain comma list of them) are rewritten, to the quoted form Hydra accepts, and ``group=null``
+    to Hydra's deletion ``~group``; every other override — sweep functions such as ``glob(...)``,
+    ``choice(...)``, ``range(...)`` — is left exactly as typed."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import ValueType
     from hydra.errors import HydraException
 
     argv = sys.argv if argv is None else argv
-    bool_groups = {p.name for p in conf_dir.iterdir()
-                   if p.is_dir() and ((p / "true.yaml").exists() or (p / "false.yaml").exists())}
+    groups = {p.name for p in conf_dir.iterdir() if p.is_dir()}
+    bool_groups = {g for g in groups if (conf_dir / g / "true.yaml").exists() or (conf_dir / g / "false.yaml").exists()}
     parser = OverridesParser.create()
     for i, arg in enumerate(argv[1:], start=1):
         if arg.startswith("-") or "=" not in arg:
@@ -126,10 +129,14 @@ def bool_group_choices(conf_dir: Path, argv: list[str] | None = None) -> None:
             override = parser.parse_override(arg)
         except HydraException:
             continue  # Hydra reports it
-        if override.key_or_group.split("/")[0] not in bool_groups:
-            continue
+        group = override.key_or_group.split("/")[0]
         key = arg.split("=", 1)[0]
         value = override.value()
+        if group in groups and value is None and key == group and override.value_type == ValueType.ELEMENT:
+            argv[i] = f"~{group}"
+            continue
+        if group not in bool_groups:
+            continue
         if override.value_type == ValueType.ELEMENT and isinstance(value, bool):
             argv[i] = f"{key}='{str(value).lower()}'"
         elif override.value_type == ValueType.SIMPLE_CHOICE_SWEEP and any(isinstance(v, bool) for v in value.list):

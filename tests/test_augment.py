@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -152,15 +151,3 @@ def test_bad_inputs_are_rejected() -> None:
         Flips()(torch.rand(3, 8, 8))
     with pytest.raises(ValueError, match="float batch"):
         Flips()(torch.zeros(2, 3, 8, 8, dtype=torch.uint8))
-
-
-def test_timing_report() -> None:
-    """Not asserted: prints the cost per batch for the record."""
-    x = torch.rand(64, 3, 64, 64)
-    for name in CONFIGS:
-        aug = _from_config(name)
-        aug(x)
-        start = time.perf_counter()
-        for _ in range(5):
-            aug(x)
-        print(f"{name}: {(time.perf_counter() - start) / 5 * 1000:.1f} ms per 64x3x64x64 batch")

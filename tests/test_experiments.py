@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from bloodfl.training.run import train
-from tests.conftest import CONF_DIR, compose_cfg, shared_data_dir
+from tests.conftest import CONF_DIR, compose_cfg
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 
@@ -16,7 +16,7 @@ EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_fast_dev_run(experiment: str, tmp_path: Path, data_dir: Path) -> None:
     cfg = compose_cfg([f"experiment={experiment}", f"paths.data_dir={data_dir}"], tmp_path)
-    size = 75 if cfg.model.name == "inception_v3" else 32
+    size = max(32, int(cfg.model.min_size))
     cfg = compose_cfg([f"experiment={experiment}", f"paths.data_dir={data_dir}", "trainer.fast_dev_run=true",
                        "loader.batch_size=4", f"dataset.image_size={size}", "callbacks=none"], tmp_path)
     metrics = train(cfg)
@@ -33,8 +33,13 @@ def test_dipto2023_protocol_values() -> None:
 
 
 def test_experiments_need_no_data_to_compose() -> None:
-    """Composing (not running) works on a clone without ../shared."""
-    assert shared_data_dir() is None or EXPERIMENTS
+    """Composing (not running) works on a clone without ../shared: every experiment names its paper's real data
+    set and a model, and resolves every value (image size included) without touching the data."""
+    from omegaconf import OmegaConf
+
+    assert len(EXPERIMENTS) == 5
     for exp in EXPERIMENTS:
-        cfg = compose_cfg([f"experiment={exp}"])
-        assert cfg.dataset.name != "synthetic", exp
+        cfg = compose_cfg([f"experiment={exp}", "paths.data_dir=/nonexistent"])
+        assert cfg.dataset.name in ("rbc", "all_pbs", "wbc4", "pbc", "wbc5"), exp
+        assert cfg.dataset.image_size >= cfg.model.min_size, exp  # resolved: an explicit size or the default
+        OmegaConf.to_container(cfg.dataset, resolve=True)  # every data set value resolves without the data

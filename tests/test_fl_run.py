@@ -189,3 +189,51 @@ def test_cli_run_and_resume_hint(tmp_path: Path) -> None:
     bad = run_cli("federate.py", [*FL_FAST, "fl.partition=by_group"], tmp_path)
     assert bad.returncode == 2 and "group key" in bad.stderr and "Traceback" not in bad.stderr
 
+
+
+@pytest.mark.parametrize("strategy", ["fedadam", "fedyogi"])
+def test_server_optimizers_run_through_federate(strategy: str, tmp_path: Path) -> None:
+    """FedAdam/FedYogi end to end: the server keeps moments for every trainable parameter across rounds (in the
+    round checkpoint) and its global model is not FedAvg's."""
+    args = [*FL_FAST, "fl.server_lr=0.01"]
+    metrics = federate(compose_cfg([*args, f"fl.strategy={strategy}"], tmp_path / strategy, "federate"))
+    assert metrics["strategy"] == strategy
+    state = load_checkpoint(list_checkpoints(tmp_path / strategy)[-1][1])["strategy"]
+    trainable = {k for k, v in final_weights(tmp_path / strategy).items() if v.is_floating_point()
+                 and "running" not in k}
+    assert set(state["m"]) == set(state["v"]) and set(state["m"]) <= trainable and len(state["m"]) > 4
+    federate(compose_cfg(args, tmp_path / "fedavg", "federate"))
+    a, b = final_weights(tmp_path / strategy), final_weights(tmp_path / "fedavg")
+    assert any(not torch.equal(a[k], b[k]) for k in state["m"])
+
+
+def test_fedprox_under_dp_pulls_updates_toward_the_global_model(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """FedProx with dp=true runs end to end, and its proximal term (added after clipping and noise) keeps the
+    clients' updates closer to the global model than without it — the same secrets, so the same noise."""
+    import itertools
+
+    def distance(mu: float, out: Path) -> float:
+        counter = itertools.count(1)
+        monkeypatch.setattr("bloodfl.privacy.engine.new_secret", lambda: next(counter))
+        moved: list[float] = []
+
+        def spy(client: FLClient) -> None:
+            real = client.fit
+
+            def fit(weights: dict, server_round: int, config: dict) -> object:
+                res = real(weights, server_round, config)
+                moved.append(sum(float((res.weights[k] - weights[k]).float().norm() ** 2) for k in weights) ** 0.5)
+                return res
+
+            client.fit = fit  # type: ignore[method-assign]
+
+        args = [*FL_FAST, "fl.rounds=1", "fl.local_epochs=2", "fl.strategy=fedprox", f"fl.mu={mu}", "dp='true'",
+                "dp.target_epsilon=null", "dp.noise_multiplier=0.3", "optim.lr=0.01"]
+        metrics = federate(compose_cfg(args, out, "federate"), client_hook=spy)
+        assert metrics["strategy"] == "fedprox" and metrics["dp/epsilon"] > 0
+        return sum(moved)
+
+    free = distance(0.0, tmp_path / "free")
+    prox = distance(100.0, tmp_path / "prox")
+    assert prox < free, (prox, free)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from bloodfl.errors import BloodflError
-from bloodfl.fl.strategy import FedAdam, FedAvg, FedProx, FedYogi, FitResult, build_strategy, weighted_average
+from bloodfl.fl.strategy import FedAdam, FedAvg, FedProx, FedYogi, FitResult, weighted_average
 
 
 def result(w: float, b: list[float], steps: int, n: int) -> FitResult:
@@ -48,7 +50,7 @@ def test_mismatched_or_empty_results_are_rejected() -> None:
 
 
 def test_fedprox_sends_mu_and_averages() -> None:
-    s = build_strategy("fedprox", mu=0.3)
+    s = FedProx(mu=0.3)
     assert isinstance(s, FedProx) and s.configure_fit(1) == {"proximal_mu": 0.3}
     assert FedAvg().configure_fit(1) == {}
     out = s.aggregate_fit(1, {}, [result(1.0, [0, 0], 1, 1), result(3.0, [0, 0], 1, 1)])
@@ -81,6 +83,9 @@ def test_fedyogi_second_moment() -> None:
     assert torch.equal(v, torch.tensor([2.0, 8.0]))
 
 
-def test_unknown_strategy() -> None:
-    with pytest.raises(BloodflError, match="fedavg"):
-        build_strategy("scaffold")
+def test_unknown_strategy_lists_the_valid_ones(tmp_path: Path) -> None:
+    from bloodfl.compose import Root
+    from tests.conftest import compose_cfg
+
+    with pytest.raises(BloodflError, match="unknown fl.strategy 'scaffold'; valid: fedavg, fedprox, fedadam, fedyogi"):
+        Root(compose_cfg(["fl.strategy=scaffold"], tmp_path, "federate")).strategy()

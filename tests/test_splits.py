@@ -77,3 +77,18 @@ def test_too_few_images_for_stratified_holdout() -> None:
     labels = np.repeat(np.arange(8), 4)
     with pytest.raises(BloodflError, match="cannot hold all 8 classes"):
         assign_splits(labels, SplitSpec())
+
+
+def test_client_holdout_keeps_groups_whole_and_tolerates_small_shards() -> None:
+    """A federated client's local validation share (Root.client_split) uses this hold-out: with groups (wbc4's
+    source images, rbc's smears) no group is on both sides; a tiny shard keeps everything for training."""
+    from bloodfl.data.splits import holdout
+
+    labels = np.repeat(np.arange(4), 30)
+    groups = np.array([f"g{i // 3}" for i in range(120)], dtype=object)  # 40 groups of 3 copies
+    shard = np.arange(0, 120, 2)
+    rest, held = holdout(labels, groups, 0.2, seed=1, idx=shard, strict=False)
+    assert len(held) > 0 and not set(groups[rest]) & set(groups[held])
+    assert sorted([*rest, *held]) == sorted(shard)
+    rest, held = holdout(labels, None, 0.1, seed=1, idx=np.arange(4), strict=False)
+    assert len(held) == 0 and len(rest) == 4  # 10% of 4 images rounds to none

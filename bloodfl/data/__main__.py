@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bloodfl.console import user_errors_exit
+from bloodfl.console import task_wrapper
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -20,7 +20,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-@user_errors_exit
+@task_wrapper
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_intermixed_args(argv)  # overrides may follow options
     from bloodfl.data.verify import compose_config, verify_dataset

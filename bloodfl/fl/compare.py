@@ -29,10 +29,10 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import HydraException
 from omegaconf import DictConfig, open_dict
 
-from bloodfl.console import quote_group_choices, user_errors_exit
+from bloodfl.config import CONF_DIR
+from bloodfl.console import bool_group_choices, quiet_known_notices, task_wrapper
 from bloodfl.errors import BloodflError
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 ROWS = ("test/acc", "test/f1_macro", "test/precision_macro", "test/recall_macro", "test/loss")
 
 
@@ -109,7 +109,7 @@ def _print(rows: list[list[str]], out: Path) -> None:
     print(f"Done: {out / 'compare.md'}")
 
 
-@user_errors_exit
+@task_wrapper
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=None, help="output directory (default logs/compare/<time>)")
@@ -120,7 +120,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "%Y-%m-%d_%H-%M-%S_%f")
     out.mkdir(parents=True, exist_ok=True)
     argv = ["compare", *args.overrides]
-    quote_group_choices(CONF_DIR, argv)  # dp=true, split=721 as group choices, as train.py/federate.py do
+    quiet_known_notices()
+    bool_group_choices(CONF_DIR, argv)  # dp=true as typed, as train.py/federate.py do
     compare(argv[1:], out)
 
 

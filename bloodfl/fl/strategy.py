@@ -140,8 +140,12 @@ class FedOpt(FedAvg):
     models or small client learning rates try eta 1e-3..1e-2.
     """
 
-    def __init__(self, eta: float = 0.1, beta_1: float = 0.9, beta_2: float = 0.99, tau: float = 1e-9) -> None:
+    default_eta = 0.1
+
+    def __init__(self, eta: float | None = None, beta_1: float = 0.9, beta_2: float = 0.99,
+                 tau: float = 1e-9) -> None:
         super().__init__()
+        eta = self.default_eta if eta is None else eta  # fl.server_lr=null: the strategy's own default
         self.eta, self.beta_1, self.beta_2, self.tau = float(eta), float(beta_1), float(beta_2), float(tau)
         self.m: Weights = {}
         self.v: Weights = {}
@@ -184,22 +188,11 @@ class FedYogi(FedOpt):
 
     name = "fedyogi"
 
-    def __init__(self, eta: float = 0.01, beta_1: float = 0.9, beta_2: float = 0.99, tau: float = 1e-3) -> None:
+    default_eta = 0.01
+
+    def __init__(self, eta: float | None = None, beta_1: float = 0.9, beta_2: float = 0.99,
+                 tau: float = 1e-3) -> None:
         super().__init__(eta, beta_1, beta_2, tau)
 
     def _second_moment(self, v: Tensor, delta_sq: Tensor) -> Tensor:
         return v - (1 - self.beta_2) * delta_sq * torch.sign(v - delta_sq)
-
-
-STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (FedAvg, FedProx, FedAdam, FedYogi)}
-
-
-def build_strategy(name: str, mu: float = 0.01, eta: float | None = None) -> Strategy:
-    """The strategy ``fl.strategy=<name>`` selects; ``mu`` only for fedprox, ``eta`` only for fedadam/fedyogi."""
-    if name not in STRATEGIES:
-        raise BloodflError(f"unknown fl.strategy {name!r}; valid: {', '.join(STRATEGIES)}")
-    if name == "fedprox":
-        return FedProx(mu)
-    if name in ("fedadam", "fedyogi"):
-        return STRATEGIES[name]() if eta is None else STRATEGIES[name](eta=eta)  # type: ignore[call-arg]
-    return STRATEGIES[name]()
