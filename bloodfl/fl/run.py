@@ -115,7 +115,7 @@ def _resume_hint(out: Path) -> None:
 def _client_datamodule(cfg: DictConfig, dm: BloodDataModule, train: Any, val: Any) -> ArrayDataModule:
     augment = instantiate(cfg.augment) if cfg.get("augment") and cfg.augment.get("_target_") else None
     return ArrayDataModule(dm.images, dm.labels, train_idx=train, val_idx=val, batch_size=cfg.loader.batch_size,
-                           augment=augment, normalize=cfg.dataset.get("normalize", "imagenet"), seed=cfg.seed,
+                           augment=augment, normalize=dm.normalization, seed=cfg.seed,
                            num_workers=cfg.loader.num_workers, classes=dm.classes)
 
 
@@ -176,7 +176,7 @@ def federate(cfg: DictConfig, client_hook: ClientHook | None = None) -> dict[str
         if client_hook is not None:
             client_hook(client, cfg)
     held_out = ArrayDataModule(dm.images, dm.labels, val_idx=dm.idx["val"], test_idx=dm.idx["test"],
-                               batch_size=cfg.loader.batch_size, normalize=cfg.dataset.get("normalize", "imagenet"),
+                               batch_size=cfg.loader.batch_size, normalize=dm.normalization,
                                num_workers=cfg.loader.num_workers, classes=dm.classes)
     evaluator = GlobalEvaluator(global_module, held_out, trainer_kwargs)
 
