@@ -121,6 +121,7 @@ class Root:
     def datamodule(self) -> BloodDataModule:
         cfg = self.cfg
         self._log_image_size()
+        self._check_dp_inputs()
         return BloodDataModule(dataset=cfg.dataset, split=cfg.split, augment=self.augmentation(),
                                batch_size=int(cfg.loader.batch_size), seed=self.seed,
                                cache_dir=cfg.paths.get("cache_dir"), num_workers=int(cfg.loader.num_workers))
@@ -130,13 +131,13 @@ class Root:
         cfg = self.cfg
         return ArrayDataModule(dm.images, dm.labels, train_idx=train_idx, val_idx=val_idx,
                                batch_size=int(cfg.loader.batch_size), augment=self.augmentation(),
-                               normalize=dm.normalize, seed=self.seed, num_workers=int(cfg.loader.num_workers),
+                               normalize=dm.normalization, seed=self.seed, num_workers=int(cfg.loader.num_workers),
                                classes=dm.classes)
 
     def held_out_datamodule(self, dm: BloodDataModule) -> ArrayDataModule:
         """The central validation and test images, for the federated server's evaluation of the global model."""
         return ArrayDataModule(dm.images, dm.labels, val_idx=dm.idx["val"], test_idx=dm.idx["test"],
-                               batch_size=int(self.cfg.loader.batch_size), normalize=dm.normalize,
+                               batch_size=int(self.cfg.loader.batch_size), normalize=dm.normalization,
                                num_workers=int(self.cfg.loader.num_workers), classes=dm.classes)
 
     def _log_image_size(self) -> None:
@@ -211,6 +212,13 @@ class Root:
         base = dict(logger=False, enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
                     enable_progress_bar=bool(self.cfg.get("fl", {}).get("progress_bar", False)))
         return functools.partial(instantiate, self.cfg.trainer, **base)
+
+    def _check_dp_inputs(self) -> None:
+        """What DP does not protect must not be computed from the private images."""
+        if self.dp_settings() is not None and self.cfg.dataset.get("normalize") == "train":
+            raise BloodflError("dataset.normalize=train computes per-channel statistics of the private training "
+                               "images, which DP does not protect (and a federated server may not have); with "
+                               "dp=true give constants: dataset.normalize='{mean: [r, g, b], std: [r, g, b]}'")
 
     def _check_precision(self) -> None:
         if self.dp_settings() is not None:

@@ -75,7 +75,7 @@ def test_one_client_one_round_equals_local_training(tmp_path: Path) -> None:
     seed = client_seed(cfg.seed, 1, 0)
     pl.seed_everything(seed, workers=True, verbose=False)
     local = ArrayDataModule(dm.images, dm.labels, train_idx=dm.idx["train"], batch_size=8, seed=seed,
-                            classes=dm.classes)
+                            normalize=dm.normalization, classes=dm.classes)
     trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          limit_val_batches=0, accelerator="cpu")
     trainer.fit(module, datamodule=local)

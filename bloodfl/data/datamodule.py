@@ -29,6 +29,43 @@ NORMALIZATION = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "minmax": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),  # scale to [0, 1] only
 }
+# dataset.normalize is one of NORMALIZATION's names, {mean: [r, g, b], std: [r, g, b]} (constants, for the
+# public data sets measured on their training split), or "train": the per-channel mean/std of this run's
+# training split (never of validation or test images). Blood smears are light (all_pbs: mean 0.82/0.85/0.94,
+# std 0.14/0.15/0.06): under ImageNet's constants every channel keeps an offset of 1.5-2.4 with a spread of
+# 0.25-0.65, which the first convolution turns into a large, fast-moving output mean that BatchNorm's running
+# mean cannot follow, and validation accuracy swings from epoch to epoch (issue #8).
+TRAIN_STATISTICS = "train"
+
+
+def channel_stats(images: np.ndarray, index: np.ndarray, chunk: int = 512) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std in [0, 1] of rows ``index`` of a uint8 (N, H, W, 3) array, chunk by chunk."""
+    index = np.sort(np.asarray(index, dtype=np.int64))
+    if len(index) == 0:
+        raise BloodflError("normalize=train needs a non-empty training split")
+    s1, s2, n = np.zeros(3), np.zeros(3), 0
+    for i in range(0, len(index), chunk):
+        b = images[index[i:i + chunk]].reshape(-1, 3).astype(np.float64) / 255.0
+        s1, s2, n = s1 + b.sum(0), s2 + (b * b).sum(0), n + len(b)
+    mean = s1 / n
+    std = np.sqrt(np.maximum(s2 / n - mean * mean, 0.0))
+    return mean.tolist(), np.maximum(std, 1e-3).tolist()  # a constant channel must not divide by 0
+
+
+def resolve_normalization(normalize: Any) -> tuple[list[float], list[float]] | None:
+    """(mean, std) of a dataset.normalize setting; None for "train" (known once the training split is)."""
+    if isinstance(normalize, str):
+        if normalize == TRAIN_STATISTICS:
+            return None
+        if normalize in NORMALIZATION:
+            mean, std = NORMALIZATION[normalize]
+            return list(mean), list(std)
+    elif hasattr(normalize, "keys") and set(normalize.keys()) == {"mean", "std"}:
+        mean, std = [float(v) for v in normalize["mean"]], [float(v) for v in normalize["std"]]
+        if len(mean) == 3 and len(std) == 3 and min(std) > 0:
+            return mean, std
+    raise BloodflError(f"unknown normalization {normalize!r}; valid: {', '.join(NORMALIZATION)}, "
+                       f"{TRAIN_STATISTICS}, or {{mean: [r, g, b], std: [r, g, b]}} with std > 0")
 
 
 class IndexedImages(Dataset):
@@ -71,22 +108,23 @@ class ArrayDataModule(pl.LightningDataModule):
         test_idx: np.ndarray | None = None,
         batch_size: int = 32,
         augment: nn.Module | None = None,
-        normalize: str = "imagenet",
+        normalize: Any = "imagenet",
         seed: int = 0,
         num_workers: int = 0,
         classes: list[str] | None = None,
     ) -> None:
         super().__init__()
-        if normalize not in NORMALIZATION:
-            raise BloodflError(f"unknown normalization {normalize!r}; valid: {', '.join(NORMALIZATION)}")
+        mean_std = resolve_normalization(normalize)
         self.images, self.labels = images, labels
         self.idx = {"train": train_idx, "val": val_idx, "test": test_idx}
         self.batch_size = batch_size
         self.augment = augment
-        self.normalize = normalize
         self.poisson: tuple[float, int, torch.Generator | None] | None = None  # see use_poisson_sampling
-        mean, std = NORMALIZATION[normalize]
-        self.register_mean_std = (torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1))
+        self.register_mean_std: tuple[torch.Tensor, torch.Tensor] | None = None
+        if mean_std is not None:
+            self._set_mean_std(*mean_std)
+        elif images is not None and train_idx is not None:
+            self.normalize_from_training_split()
         self.num_workers = num_workers
         self.classes = classes
         self.generator = torch.Generator().manual_seed(seed)
@@ -96,6 +134,23 @@ class ArrayDataModule(pl.LightningDataModule):
         ``sample_rate``, ``steps`` batches per epoch, drawn from ``generator`` — the client's own secret one, so
         nobody else can predict the batches. Validation and test loaders are unchanged."""
         self.poisson = (sample_rate, steps, generator)
+
+    def _set_mean_std(self, mean: list[float], std: list[float]) -> None:
+        self.register_mean_std = (torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1),
+                                  torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def normalize_from_training_split(self) -> None:
+        """normalize=train: the per-channel mean/std of the training split's images."""
+        assert self.images is not None and self.idx["train"] is not None
+        self._set_mean_std(*channel_stats(self.images, self.idx["train"]))
+
+    @property
+    def normalization(self) -> dict[str, list[float]]:
+        """The mean/std in use, as a dataset.normalize value (e.g. for federated clients' data modules)."""
+        if self.register_mean_std is None:
+            raise BloodflError("normalize=train: the statistics are known only after setup()")
+        mean, std = self.register_mean_std
+        return {"mean": mean.flatten().tolist(), "std": std.flatten().tolist()}
 
     def reseed(self, seed: int) -> None:
         """Restart the shuffling order from ``seed`` (federated rounds reseed for exact resume)."""
@@ -147,6 +202,8 @@ class ArrayDataModule(pl.LightningDataModule):
         x = x.permute(0, 3, 1, 2).float().div_(255.0)
         if train and self.augment is not None:
             x = self.augment(x)
+        if self.register_mean_std is None:
+            raise BloodflError("normalize=train: the statistics are known only after setup()")
         mean, std = self.register_mean_std
         return (x - mean.to(x.device)) / std.to(x.device)
 
@@ -237,6 +294,9 @@ class BloodDataModule(ArrayDataModule):
         self.classes = list(table.classes)
         for s in SPLITS:
             self.idx[s] = np.flatnonzero(split == s)
+        if resolve_normalization(cfg.get("normalize", "imagenet")) is None:
+            self.normalize_from_training_split()
+            log.info("normalize=train: per-channel mean/std of the training split: %s", self.normalization)
         self.report = list(table.problems)
         for line in self.report:
             log.warning(line)
