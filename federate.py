@@ -6,12 +6,10 @@
     python federate.py fl.resume=true hydra.run.dir=<the interrupted run's directory>
 """
 
-from pathlib import Path
-
 import hydra
 from omegaconf import DictConfig
 
-from bloodfl.console import bool_group_choices, quiet_known_notices, task_wrapper
+from bloodfl.console import launch, optimized_value, task_wrapper
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="federate")
@@ -19,12 +17,8 @@ from bloodfl.console import bool_group_choices, quiet_known_notices, task_wrappe
 def main(cfg: DictConfig) -> float | None:
     from bloodfl.fl.run import federate
 
-    metrics = federate(cfg)
-    value = metrics.get(cfg.get("optimized_metric") or "")
-    return float(value) if isinstance(value, (int, float)) else None
+    return optimized_value(cfg, federate(cfg))
 
 
 if __name__ == "__main__":
-    quiet_known_notices()
-    bool_group_choices(Path(__file__).parent / "conf")
-    main()
+    launch(main)

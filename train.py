@@ -5,12 +5,10 @@
     python train.py -m model=vgg16,resnet50,inception_v3 trainer.max_epochs=1
 """
 
-from pathlib import Path
-
 import hydra
 from omegaconf import DictConfig
 
-from bloodfl.console import bool_group_choices, quiet_known_notices, task_wrapper
+from bloodfl.console import launch, optimized_value, task_wrapper
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -18,12 +16,8 @@ from bloodfl.console import bool_group_choices, quiet_known_notices, task_wrappe
 def main(cfg: DictConfig) -> float | None:
     from bloodfl.training.run import train
 
-    metrics = train(cfg)
-    value = metrics.get(cfg.get("optimized_metric") or "")
-    return float(value) if isinstance(value, (int, float)) else None
+    return optimized_value(cfg, train(cfg))
 
 
 if __name__ == "__main__":
-    quiet_known_notices()
-    bool_group_choices(Path(__file__).parent / "conf")
-    main()
+    launch(main)

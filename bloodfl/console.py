@@ -142,3 +142,18 @@ def bool_group_choices(conf_dir: Path, argv: list[str] | None = None) -> None:
         elif override.value_type == ValueType.SIMPLE_CHOICE_SWEEP and any(isinstance(v, bool) for v in value.list):
             argv[i] = f"{key}=" + ",".join(f"'{str(v).lower()}'" if isinstance(v, bool) else str(v)
                                            for v in value.list)
+
+
+def optimized_value(cfg: DictConfig, metrics: dict[str, Any]) -> float | None:
+    """The value a Hydra sweeper optimises: ``optimized_metric`` of the run's metrics (None if absent)."""
+    value = metrics.get(cfg.get("optimized_metric") or "")
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def launch(main: Callable[[], Any]) -> None:
+    """What an entry point does before Hydra parses the command line."""
+    from bloodfl.config import CONF_DIR
+
+    quiet_known_notices()
+    bool_group_choices(CONF_DIR)
+    main()

@@ -94,3 +94,29 @@ def test_federate_all_pbs_dp_true_command(tmp_path: Path) -> None:
         assert c["delta"] < 1 / c["num_samples"]
     rows = _rounds(out)
     assert all(float(rows[0][f"client{c}/epsilon"]) < float(rows[1][f"client{c}/epsilon"]) for c in range(3))
+
+
+@pytest.mark.parametrize(("task", "k"), [("federate", 93), ("train", 12)])
+def test_privacy_json_alone_reproduces_epsilon(task: str, k: int, tmp_path: Path) -> None:
+    """k = 93 batches per epoch is one of the counts where Opacus' own loader would take k - 1 steps: what was
+    accounted (sample rate, steps) is what privacy.json records, and ε recomputed from the record alone with a
+    fresh Opacus accountant equals the reported one, within the target."""
+    from bloodfl.training.run import train
+
+    if task == "federate":  # 94 training images, 1 held out locally: 93 batches of 1
+        args = ["dataset=synthetic", "dataset.image_size=16", "dataset.source.n_per_class=17", "loader.batch_size=1",
+                "fl.num_clients=1", "fl.val_fraction=0.01", "fl.rounds=2", "logger=csv"]
+        run = lambda cfg: federate(cfg)  # noqa: E731
+    else:  # 100 training images in batches of 8: 12 batches
+        args = ["dataset=synthetic", "dataset.image_size=16", "dataset.source.n_per_class=18", "loader.batch_size=8",
+                "trainer.max_epochs=2", "logger=csv", "callbacks=none"]
+        run = train
+    run(compose_cfg([*args, "model=simple_cnn", "dp='true'", "dp.target_epsilon=3.0"], tmp_path, task))
+    doc = json.loads((tmp_path / "privacy.json").read_text())
+    for client in doc["clients"]:
+        assert client["steps_per_epoch"] == k and client["sample_rate"] == pytest.approx(1 / k, rel=1e-12)
+        assert client["steps"] == client["planned_steps"] == 2 * k
+        acc = RDPAccountant()
+        acc.history = [(client["noise_multiplier"], client["sample_rate"], client["steps"])]
+        assert acc.get_epsilon(client["delta"]) == pytest.approx(client["epsilon"], rel=1e-9)
+        assert client["epsilon"] <= 3.0

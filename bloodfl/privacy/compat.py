@@ -122,6 +122,17 @@ def _disable_inplace(model: nn.Module) -> list[str]:
     return [f"set inplace=False on {n} {name}" for name, n in counts.items()]
 
 
+def _add_shortcut(block: BasicBlock | Bottleneck, x: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
+    """The end of timm's ResNet blocks (SE, drop path, downsampled shortcut), with an out-of-place add."""
+    if block.se is not None:
+        x = block.se(x)
+    if block.drop_path is not None:
+        x = block.drop_path(x)
+    if block.downsample is not None:
+        shortcut = block.downsample(shortcut)
+    return x + shortcut
+
+
 class OutOfPlaceBasicBlock(BasicBlock):
     """timm's ResNet BasicBlock with ``x = x + shortcut`` instead of ``x += shortcut`` (Opacus #828)."""
 
@@ -129,13 +140,7 @@ class OutOfPlaceBasicBlock(BasicBlock):
         shortcut = x
         x = self.act1(self.drop_block(self.bn1(self.conv1(x))))
         x = self.bn2(self.conv2(self.aa(x)))
-        if self.se is not None:
-            x = self.se(x)
-        if self.drop_path is not None:
-            x = self.drop_path(x)
-        if self.downsample is not None:
-            shortcut = self.downsample(shortcut)
-        return self.act2(x + shortcut)
+        return self.act2(_add_shortcut(self, x, shortcut))
 
 
 class OutOfPlaceBottleneck(Bottleneck):
@@ -146,13 +151,7 @@ class OutOfPlaceBottleneck(Bottleneck):
         x = self.act1(self.bn1(self.conv1(x)))
         x = self.act2(self.drop_block(self.bn2(self.conv2(x))))
         x = self.bn3(self.conv3(self.aa(x)))
-        if self.se is not None:
-            x = self.se(x)
-        if self.drop_path is not None:
-            x = self.drop_path(x)
-        if self.downsample is not None:
-            shortcut = self.downsample(shortcut)
-        return self.act3(x + shortcut)
+        return self.act3(_add_shortcut(self, x, shortcut))
 
 
 class OutOfPlaceXceptionBlock(XceptionBlock):
