@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -141,10 +142,12 @@ class Root:
                                num_workers=int(self.cfg.loader.num_workers), classes=dm.classes)
 
     def _log_image_size(self) -> None:
-        model, size = self.cfg.model, self.image_size
-        if size == int(model.min_size) and size > 0:
-            log.info("dataset.image_size=%d: %s's minimum input size (set dataset.image_size to choose another)",
-                     size, model.name)
+        """Say so when the data set's default size was raised to the model's minimum (conf: ``at_least``)."""
+        raw = str(OmegaConf.to_container(self.cfg.dataset, resolve=False).get("image_size"))
+        match = re.fullmatch(r"\$\{at_least:(\d+),.*\}", raw)
+        if match and int(match.group(1)) < self.image_size:
+            log.info("dataset.image_size=%d: raised from the data set's %s px to %s's minimum input size",
+                     self.image_size, match.group(1), self.cfg.model.name)
 
     # ---- model ---------------------------------------------------------------------------------------------
 
@@ -250,6 +253,9 @@ class Root:
         """The dp settings as given, for privacy.json."""
         out = OmegaConf.to_container(self.cfg.dp, resolve=True)
         assert isinstance(out, dict)
+        if "fl" in self.cfg:  # what else the server learns about each client: declared public metadata
+            out["fl.weighting"] = "examples (clients' counts sent to the server, not protected by DP)" \
+                if self.release_counts() else "uniform (counts stay with the clients)"
         return out
 
     def centralized_epochs(self) -> int:
@@ -279,6 +285,16 @@ class Root:
         assert dm.table is not None
         return partition(dm.labels, dm.idx["train"], int(fl.num_clients), str(fl.partition), seed=self.seed,
                          alpha=float(fl.alpha), groups=dm.table.groups, min_size=fl.get("min_size"))
+
+    def release_counts(self) -> bool:
+        """Whether clients send their example counts (FedAvg weighting) — ``fl.weighting``; not under DP by
+        default, since a count is client data that DP does not protect."""
+        weighting = str(self.fl.get("weighting", "auto"))
+        if weighting not in ("auto", "examples", "uniform"):
+            raise BloodflError(f"unknown fl.weighting {weighting!r}; valid: auto, examples, uniform")
+        if weighting == "auto":
+            return self.dp_settings() is None
+        return weighting == "examples"
 
     def client_split(self, dm: BloodDataModule, shard: np.ndarray, cid: int) -> tuple[np.ndarray, np.ndarray]:
         """A client's (train, local validation) indices: the same group-aware hold-out as the central split."""

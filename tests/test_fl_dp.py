@@ -92,3 +92,17 @@ def test_a_hook_cannot_switch_dp_off(tmp_path: Path) -> None:
     args = [*FL_FAST, "dp='true'", "dp.target_epsilon=null", "dp.noise_multiplier=1.0"]
     with pytest.raises(BloodflError, match="without its privacy accountant"):
         federate(compose_cfg(args, tmp_path, "federate"), client_hook=forget_privacy)
+
+
+def test_dp_refuses_mixed_precision_and_weighting_is_explicit(tmp_path: Path) -> None:
+    from bloodfl.compose import Root
+    from bloodfl.errors import BloodflError
+
+    root = Root(compose_cfg([*FL_FAST, "dp='true'", "trainer.precision=bf16-mixed"], tmp_path, "federate"))
+    with pytest.raises(BloodflError, match="trainer.precision=32-true"):
+        root.trainer_factory()
+    assert not root.release_counts()  # auto under DP: uniform weights, counts stay with the clients
+    assert "uniform" in root.dp_record()["fl.weighting"]
+    declared = Root(compose_cfg([*FL_FAST, "dp='true'", "fl.weighting=examples"], tmp_path, "federate"))
+    assert declared.release_counts() and "not protected" in declared.dp_record()["fl.weighting"]
+    assert Root(compose_cfg(FL_FAST, tmp_path, "federate")).release_counts()

@@ -96,7 +96,7 @@ class FederatedTask:
             if privacy is not None:
                 data.use_poisson_sampling(privacy.sample_rate, privacy.steps_per_epoch, privacy.sampling_generator())
             module = root.module(copy.deepcopy(net), dm.num_classes, data.class_counts("train"), privacy)
-            clients.append(FLClient(cid, module, data, make_trainer, release_count=not private,
+            clients.append(FLClient(cid, module, data, make_trainer, release_count=root.release_counts(),
                                     local_log=out / "clients" / f"client{cid}.csv" if private else None))
         for client in clients:
             if self.client_hook is not None:
