@@ -40,8 +40,10 @@ def test_two_clients_two_rounds_outputs_and_learning(tmp_path: Path) -> None:
     assert [int(r["round"]) for r in rows] == [1, 2]
     assert rows[0]["clients"] == "0 1" and int(rows[0]["client0/examples"]) > 0
     assert float(rows[0]["client1/train/loss"]) > 0 and "client1/val/acc" in rows[0]
-    # the Flower end-to-end idiom: the global model improves; measured 2.07 -> 2.0 over seeds (margin 0.005)
-    assert float(rows[-1]["test/loss"]) < float(rows[0]["test/loss"]) - 0.005, rows
+    # the Flower end-to-end idiom: the global model improves. Drop of test/loss from round 1 to 2 measured
+    # with this config at seeds 1, 2, 3, 42: 0.105, 0.079, 0.037, 0.106 (before the normalisation fix of
+    # issue #8 it was about 0.005); the bound is half the smallest
+    assert float(rows[-1]["test/loss"]) < float(rows[0]["test/loss"]) - 0.018, rows
     assert [r for r, _ in list_checkpoints(tmp_path)] == [1, 2]
     saved = json.loads((tmp_path / "metrics.json").read_text())
     for key in ("test/acc", "test/f1_macro", "test/loss", "val/acc"):
