@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,20 @@ def _at_least(default: int, minimum: int) -> int:
     return max(int(default), int(minimum))
 
 
+def _data_dir() -> str:
+    """``paths.data_dir``: $BLOODFL_DATA if set; else ./data; else the data sets beside the clone
+    (../shared/data, as in the project's own workspace and CI); else ./data, which the run then reports missing."""
+    env = os.environ.get("BLOODFL_DATA")
+    if env:
+        return env
+    for candidate in ("data", os.path.join("..", "shared", "data")):
+        if os.path.isdir(candidate):
+            return candidate
+    return "data"
+
+
 OmegaConf.register_new_resolver("at_least", _at_least, replace=True)
+OmegaConf.register_new_resolver("bloodfl_data_dir", _data_dir, replace=True)
 
 
 def group_options(group: str, conf_dir: Path = CONF_DIR) -> list[str]:
