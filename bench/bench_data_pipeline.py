@@ -18,6 +18,7 @@ Target: cached epoch <= 1.1 x random epoch.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -142,7 +143,7 @@ def training_epoch(dm: ArrayDataModule, args: argparse.Namespace) -> tuple[float
     fresh, identically seeded model."""
     torch.manual_seed(0)
     net = build_classifier(args.model, num_classes=dm.num_classes, image_size=args.image_size)
-    module = ClassifierModule(net, num_classes=dm.num_classes, lr=1e-3)
+    module = ClassifierModule(net, num_classes=dm.num_classes, optimizer=functools.partial(torch.optim.Adam, lr=1e-3))
     timer = EpochTimer()
     trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
