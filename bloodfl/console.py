@@ -48,6 +48,8 @@ def quiet_known_notices() -> None:
     warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated.*")
     warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
     logging.getLogger("opacus.data_loader").setLevel(logging.ERROR)
+    # a real caveat of the RDP accountant, but the same one for every round and client: say it once
+    warnings.filterwarnings("once", message=".*Optimal order is the largest alpha.*")
 
 
 def task_wrapper(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -298,8 +298,12 @@ class BloodDataModule(ArrayDataModule):
             self.normalize_from_training_split()
             log.info("normalize=train: per-channel mean/std of the training split: %s", self.normalization)
         self.report = list(table.problems)
-        for line in self.report:
+        shown = 3  # the whole list is one command away; a run's log should stay readable
+        for line in self.report[:shown]:
             log.warning(line)
+        if len(self.report) > shown:
+            log.warning("... and %d more data findings; `python -m bloodfl.data verify %s` lists them all",
+                        len(self.report) - shown, cfg.name)
 
     def _split_groups(self, table: SampleTable) -> list[str] | None:
         group_by = self.split_spec.group_by or self.dataset_cfg.get("group_key")
