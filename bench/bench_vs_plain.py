@@ -178,6 +178,7 @@ def run_variant(kind: str, a: argparse.Namespace, work: Path, rep: int) -> dict[
 
 def plot(path: Path, results: list[dict[str, Any]], a: argparse.Namespace) -> None:
     from matplotlib.figure import Figure  # no pyplot: no GUI backend
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(6.4, 3.6), layout="constrained")
     ax = fig.subplots()
@@ -192,6 +193,7 @@ def plot(path: Path, results: list[dict[str, Any]], a: argparse.Namespace) -> No
     ax.set(xlabel="epoch / round", ylabel="validation accuracy",
            title=f"{a.dataset}, {a.model}, {a.image_size} px, seed {a.seed} (dashed: repeat 2+)")
     ax.grid(alpha=0.3)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize=8)
     fig.savefig(path, dpi=80)
 
