@@ -6,6 +6,9 @@ passes, checkpoint saves (``ModelCheckpoint`` and Lightning's ``save_checkpoint`
 test on the selected checkpoint — for each ``--variant`` (a name and overrides), alternating in every repeat.
 ``start-up`` is ``python -c 'import bloodfl.training.run'`` plus config composition, measured in a subprocess.
 
+Per step (``--mode steps``): seconds per training step of the same network on the same batches, plain, with
+bloodfl's per-step additions but no Lightning, and inside Lightning's loop (``run_steps``).
+
 Federated (``--mode fl``): ``federate(cfg)`` for each client count in ``--clients`` (synthetic data, simple_cnn by
 default), with rounds.csv's ``seconds``/``fit_seconds``/``eval_seconds`` and timers around each client's local
 ``trainer.fit`` (the rest of a client's fit is building its trainer, copying state dicts in and out), the
@@ -13,6 +16,7 @@ aggregation, the round checkpoint and the rounds plot.
 
     python bench/bench_overhead.py --mode train --data-dir ../shared/data --epochs 3 --repeats 2   # docs/parity.md
     python bench/bench_overhead.py --mode fl --clients 5 20 100 --rounds 3                        # docs/parity.md
+    python bench/bench_overhead.py --mode steps --data-dir ../shared/data --steps 20 --repeats 3  # docs/parity.md
 
 Results go to ``--out`` (default logs/bench_overhead/<time>/overhead.json, never committed). Other processes
 on the machine distort the times; the load average is recorded.
@@ -153,6 +157,83 @@ def run_train(a: argparse.Namespace, extra: list[str], out: Path) -> dict[str, A
             "test/acc": metrics.get("test/acc")}
 
 
+def run_steps(a: argparse.Namespace) -> dict[str, Any]:
+    """Seconds per training step of the same network on the same batches, four ways, alternating: a plain step
+    on float tensors normalised once (contiguous NCHW); the same on batches converted per step by
+    ``ArrayDataModule.to_float`` (channels_last strides); that plus the train/ loss and torchmetrics updates of
+    bloodfl's module, without Lightning; and Lightning's loop (``Trainer.fit`` of bloodfl's module, training
+    steps only, timed by ``PhaseTimer``)."""
+    from omegaconf import open_dict
+
+    from bloodfl.compose import Root
+    from bloodfl.models import build_classifier
+
+    cfg = compose_cfg([f"dataset={a.dataset}", f"dataset.image_size={a.image_size}", f"model={a.model}",
+                       f"paths.data_dir={a.data_dir}", "logger=none", "callbacks=none"], a.cache.parent / "steps")
+    with open_dict(cfg):
+        cfg.paths.cache_dir = str(a.cache)
+    root = Root(cfg)
+    dm = root.datamodule()
+    dm.setup("fit")
+    n, bs = a.steps, 32
+    idx = torch.as_tensor(dm.idx["train"][: n * bs], dtype=torch.long)
+    raw, y = torch.from_numpy(dm.images)[idx], torch.as_tensor(dm.labels, dtype=torch.long)[idx]
+    mean, std = dm.register_mean_std
+    xf = ((raw.permute(0, 3, 1, 2).float() / 255.0 - mean) / std).contiguous()
+    out: dict[str, list[float]] = defaultdict(list)
+    for _ in range(a.repeats):
+        torch.manual_seed(0)
+        net = build_classifier(a.model, dm.num_classes, a.image_size)
+        opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+        t0 = time.perf_counter()
+        for i in range(n):
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(net(xf[i * bs:(i + 1) * bs]), y[i * bs:(i + 1) * bs]).backward()
+            opt.step()
+        out["plain step"].append((time.perf_counter() - t0) / n)
+
+        # the same plain step on the batches as ArrayDataModule.to_float lays them out: permute(0, 3, 1, 2) of
+        # NHWC keeps channels_last strides, which then run through the whole network
+        torch.manual_seed(0)
+        net = build_classifier(a.model, dm.num_classes, a.image_size)
+        opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+        t0 = time.perf_counter()
+        for i in range(n):
+            xb = dm.to_float(raw[i * bs:(i + 1) * bs], True)
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(net(xb), y[i * bs:(i + 1) * bs]).backward()
+            opt.step()
+        out["plain step, to_float's layout (channels_last)"].append((time.perf_counter() - t0) / n)
+
+        torch.manual_seed(0)
+        module = root.module(build_classifier(a.model, dm.num_classes, a.image_size), dm.num_classes)
+        opt = torch.optim.Adam(module.parameters(), lr=1e-3)
+        t0 = time.perf_counter()
+        for i in range(n):
+            xb, yb = dm.to_float(raw[i * bs:(i + 1) * bs], True), y[i * bs:(i + 1) * bs]
+            opt.zero_grad(set_to_none=True)
+            logits = module(xb)
+            loss = module.criterion(logits, yb)
+            module.train_loss(loss.detach(), weight=len(yb))
+            module.train_metrics.update(logits.detach(), yb)
+            loss.backward()
+            opt.step()
+        out["+ conversion and torchmetrics, no Lightning"].append((time.perf_counter() - t0) / n)
+
+        torch.manual_seed(0)
+        module = root.module(build_classifier(a.model, dm.num_classes, a.image_size), dm.num_classes)
+        timer = PhaseTimer()
+        trainer = pl.Trainer(max_epochs=1, limit_train_batches=n, limit_val_batches=0, logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                             num_sanity_val_steps=0, callbacks=[timer])
+        t0 = time.perf_counter()
+        trainer.fit(module, datamodule=dm)
+        out["Lightning fit, whole"].append((time.perf_counter() - t0) / n)
+        out["Lightning training step"].append(timer.t["train_steps"] / timer.steps)
+        print({k: round(v[-1], 4) for k, v in out.items()}, flush=True)
+    return {k: statistics.median(v) for k, v in out.items()} | {"runs": dict(out), "steps": n}
+
+
 def startup_seconds() -> float:
     code = ("import time; t=time.perf_counter(); import bloodfl.training.run, bloodfl.fl.run; "
             "from tests.conftest import compose_cfg; compose_cfg(['dataset=all_pbs']); print(time.perf_counter()-t)")
@@ -219,7 +300,8 @@ def run_fl(a: argparse.Namespace, clients: int, out: Path) -> dict[str, Any]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--mode", choices=["train", "fl"], default="train")
+    p.add_argument("--mode", choices=["train", "fl", "steps"], default="train")
+    p.add_argument("--steps", type=int, default=20, help="--mode steps: training steps per way and repeat")
     p.add_argument("--data-dir", default=os.environ.get("BLOODFL_DATA", str(ROOT.parent / "shared" / "data")))
     p.add_argument("--dataset", default="all_pbs")
     p.add_argument("--image-size", type=int, default=64)
@@ -258,6 +340,8 @@ def main() -> None:
         summary["median_phases"] = {v: {k: statistics.median(r["phases"].get(k, 0.0) for r in rs)
                                          for k in rs[0]["phases"]} for v, rs in runs.items()}
         summary["median_wall"] = {v: statistics.median(r["wall"] for r in rs) for v, rs in runs.items()}
+    elif a.mode == "steps":
+        summary["steps"] = run_steps(a)
     else:
         summary["fl"] = []
         for n in a.clients:
