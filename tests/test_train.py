@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from bloodfl.training.run import train
 from tests.conftest import CONF_DIR, FAST, compose_cfg, run_cli
@@ -37,6 +38,8 @@ def test_run_directory_contract(tmp_path: Path) -> None:
     assert len(lines) == 1 + 8 * 12
     ckpts = {p.name for p in (tmp_path / "checkpoints").iterdir()}
     assert "last.ckpt" in ckpts and any(n.startswith("best-") for n in ckpts)
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert "state_dict" in last and "optimizer_states" not in last  # weights only (issue #8)
     assert Path(saved["best_checkpoint"]).exists()
     assert (tmp_path / "csv" / "metrics.csv").exists()
     per_class = (tmp_path / "test_per_class.csv").read_text().splitlines()
