@@ -86,3 +86,41 @@ def test_pretrained_offline_fails_clearly(tmp_path: Path) -> None:
     err = res.stderr.strip().splitlines()[-1]
     assert "ImageNet weights" in err and "model.weights=" in err and "model.pretrained=false" in err
     assert "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize(("name", "size", "channels"), [("squeezenet", 17, 512), ("googlenet", 15, 1024),
+                                                         ("shufflenetv2", 16, 1024)])
+def test_torchvision_backbones_at_their_minimum_size(name: str, size: int, channels: int) -> None:
+    import torchvision
+
+    model = build_classifier(name, 8, size)
+    assert model.head.mlp[0].in_features == channels  # 1x1 map at the minimum size
+    x = torch.randn(2, 3, size, size)
+    model(x).sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    # torchvision's own module names: its state dicts (less the classifier) load with model.weights=PATH
+    arch = {"squeezenet": "squeezenet1_1", "shufflenetv2": "shufflenet_v2_x1_0"}.get(name, name)
+    extra = {"aux_logits": False, "init_weights": False} if name == "googlenet" else {}
+    tv_keys = set(torchvision.models.get_model(arch, weights=None, **extra).state_dict())
+    assert set(model.backbone.state_dict()) <= tv_keys
+    with pytest.raises(BloodflError, match="at least"):
+        build_classifier(name, 8, size - 1)
+
+
+def test_torchvision_pretrained_offline_fails_clearly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch.hub
+
+    def offline(*args: object, **kwargs: object) -> None:
+        raise OSError("offline")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(BloodflError, match="torchvision's download server") as info:
+        build_classifier("squeezenet", 4, 32, pretrained=True)
+    assert "model.weights=" in str(info.value) and "model.pretrained=false" in str(info.value)
+
+
+def test_small_vit_follows_image_size() -> None:
+    model = build_classifier("vit_small", 8, 16)
+    assert model.backbone.patch_embed.patch_size == (8, 8) and model.backbone.patch_embed.num_patches == 4
+    model(torch.randn(2, 3, 16, 16)).sum().backward()
