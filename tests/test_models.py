@@ -124,3 +124,21 @@ def test_small_vit_follows_image_size() -> None:
     model = build_classifier("vit_small", 8, 16)
     assert model.backbone.patch_embed.patch_size == (8, 8) and model.backbone.patch_embed.num_patches == 4
     model(torch.randn(2, 3, 16, 16)).sum().backward()
+
+
+@pytest.mark.parametrize(("preset", "kinds", "hidden"), [
+    ("paper000", ["Linear", "ReLU", "Dropout", "Linear"], 1024),
+    ("paper003", ["Linear", "ReLU", "Dropout", "Linear"], 128),
+    ("paper004", ["Linear", "ReLU", "BatchNorm1d", "Dropout", "Linear"], 1024),
+    ("paper004_vit", ["Linear", "ReLU", "Dropout", "Linear"], 128),
+])
+def test_head_presets(preset: str, kinds: list[str], hidden: int, tmp_path: Path) -> None:
+    from bloodfl.compose import Root
+    from tests.conftest import compose_cfg
+
+    root = Root(compose_cfg(["model=paper003_cnn", f"+head={preset}", "dataset.image_size=16"], tmp_path))
+    assert root.cfg.model.head.pool == "flatten"  # the preset replaces the model's own head settings
+    net = root.network(num_classes=4)
+    assert [type(m).__name__ for m in net.head.mlp] == kinds
+    assert net.head.mlp[0].out_features == hidden and net.head.mlp[0].in_features == 256 * 9 * 9
+    net(torch.randn(2, 3, 16, 16)).sum().backward()
