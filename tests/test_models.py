@@ -142,3 +142,11 @@ def test_head_presets(preset: str, kinds: list[str], hidden: int, tmp_path: Path
     assert [type(m).__name__ for m in net.head.mlp] == kinds
     assert net.head.mlp[0].out_features == hidden and net.head.mlp[0].in_features == 256 * 9 * 9
     net(torch.randn(2, 3, 16, 16)).sum().backward()
+
+
+def test_torchvision_googlenet_trains_under_dp() -> None:
+    """torchvision's BasicConv2d ReLU is in place; the adapter's is not, so Opacus' hooks accept GoogLeNet."""
+    from bloodfl.privacy.engine import prepare_model
+
+    _, _, mode = prepare_model(build_classifier("googlenet", 4, 32), (3, 32, 32), "auto")
+    assert mode == "ghost"

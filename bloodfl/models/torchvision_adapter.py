@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torchvision.models.googlenet import BasicConv2d
 
 # the modules forward_features runs, in order; everything after (pooling, dropout, fc / classifier) is dropped
 FEATURE_MODULES: dict[str, tuple[str, ...]] = {
@@ -52,6 +53,20 @@ class TorchvisionBackbone(nn.Module):
         return self.forward_features(x)
 
 
+class OutOfPlaceBasicConv2d(BasicConv2d):
+    """GoogLeNet's BasicConv2d applies ``F.relu(x, inplace=True)``, which Opacus' per-sample hooks reject (the
+    hooked BatchNorm output is modified in place); the same module with an out-of-place ReLU (same weights)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.bn(self.conv(x)))
+
+
+def _no_inplace_relu(model: nn.Module) -> None:
+    for module in model.modules():
+        if type(module) is BasicConv2d:
+            module.__class__ = OutOfPlaceBasicConv2d
+
+
 def create_torchvision_backbone(arch: str, pretrained: bool) -> TorchvisionBackbone:
     """torchvision's ``arch`` without its classifier; ``pretrained`` uses the torchvision weights API (DEFAULT)."""
     import torchvision
@@ -62,4 +77,6 @@ def create_torchvision_backbone(arch: str, pretrained: bool) -> TorchvisionBackb
     if arch == "googlenet" and not pretrained:
         kwargs = {"aux_logits": False, "init_weights": True}  # the auxiliary heads are training-only extras
     model = torchvision.models.get_model(arch, weights="DEFAULT" if pretrained else None, **kwargs)
+    if arch == "googlenet":
+        _no_inplace_relu(model)
     return TorchvisionBackbone(model, FEATURE_MODULES[arch])
