@@ -199,7 +199,9 @@ class Root:
     # ---- training loop ---------------------------------------------------------------------------------------
 
     def callbacks(self) -> list[pl.Callback]:
-        return _instantiate_each(self.cfg.get("callbacks"))
+        # finetune=frozen|two_phase: a callback freezing the backbone (conf/finetune, bloodfl/training/finetune.py)
+        finetune = _instantiate_each(self.cfg.get("finetune"))
+        return [*_instantiate_each(self.cfg.get("callbacks")), *finetune]
 
     def loggers(self) -> list[Any]:
         return _instantiate_each(self.cfg.get("logger"))

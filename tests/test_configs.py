@@ -14,7 +14,7 @@ from bloodfl.compose import Root
 from bloodfl.config import group_options
 from tests.conftest import CONF_DIR, compose_cfg
 
-TRAIN_GROUPS = ["dataset", "model", "split", "augment", "trainer", "logger", "callbacks", "dp"]
+TRAIN_GROUPS = ["dataset", "model", "split", "augment", "trainer", "logger", "callbacks", "finetune", "dp"]
 OPTIONS = [(g, o) for g in TRAIN_GROUPS for o in group_options(g)]
 
 
@@ -66,6 +66,10 @@ def test_every_option_composes_and_instantiates(group: str, option: str, tmp_pat
         assert len(loggers) == {"none": 0, "many": 3}.get(option, 1)
     elif group == "callbacks":
         assert all(isinstance(c, pl.Callback) for c in root.callbacks())
+    elif group == "finetune":
+        from bloodfl.training.finetune import BackboneFinetune
+
+        assert sum(isinstance(c, BackboneFinetune) for c in root.callbacks()) == (option != "full")
     elif group == "dp":
         settings = root.dp_settings()
         assert (settings is None) == (option == "false")

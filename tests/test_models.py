@@ -86,3 +86,67 @@ def test_pretrained_offline_fails_clearly(tmp_path: Path) -> None:
     err = res.stderr.strip().splitlines()[-1]
     assert "ImageNet weights" in err and "model.weights=" in err and "model.pretrained=false" in err
     assert "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize(("name", "size", "channels"), [("squeezenet", 17, 512), ("googlenet", 15, 1024),
+                                                         ("shufflenetv2", 16, 1024)])
+def test_torchvision_backbones_at_their_minimum_size(name: str, size: int, channels: int) -> None:
+    import torchvision
+
+    model = build_classifier(name, 8, size)
+    assert model.head.mlp[0].in_features == channels  # 1x1 map at the minimum size
+    x = torch.randn(2, 3, size, size)
+    model(x).sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    # torchvision's own module names: its state dicts (less the classifier) load with model.weights=PATH
+    arch = {"squeezenet": "squeezenet1_1", "shufflenetv2": "shufflenet_v2_x1_0"}.get(name, name)
+    extra = {"aux_logits": False, "init_weights": False} if name == "googlenet" else {}
+    tv_keys = set(torchvision.models.get_model(arch, weights=None, **extra).state_dict())
+    assert set(model.backbone.state_dict()) <= tv_keys
+    with pytest.raises(BloodflError, match="at least"):
+        build_classifier(name, 8, size - 1)
+
+
+def test_torchvision_pretrained_offline_fails_clearly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch.hub
+
+    def offline(*args: object, **kwargs: object) -> None:
+        raise OSError("offline")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(BloodflError, match="torchvision's download server") as info:
+        build_classifier("squeezenet", 4, 32, pretrained=True)
+    assert "model.weights=" in str(info.value) and "model.pretrained=false" in str(info.value)
+
+
+def test_small_vit_follows_image_size() -> None:
+    model = build_classifier("vit_small", 8, 16)
+    assert model.backbone.patch_embed.patch_size == (8, 8) and model.backbone.patch_embed.num_patches == 4
+    model(torch.randn(2, 3, 16, 16)).sum().backward()
+
+
+@pytest.mark.parametrize(("preset", "kinds", "hidden"), [
+    ("paper000", ["Linear", "ReLU", "Dropout", "Linear"], 1024),
+    ("paper003", ["Linear", "ReLU", "Dropout", "Linear"], 128),
+    ("paper004", ["Linear", "ReLU", "BatchNorm1d", "Dropout", "Linear"], 1024),
+    ("paper004_vit", ["Linear", "ReLU", "Dropout", "Linear"], 128),
+])
+def test_head_presets(preset: str, kinds: list[str], hidden: int, tmp_path: Path) -> None:
+    from bloodfl.compose import Root
+    from tests.conftest import compose_cfg
+
+    root = Root(compose_cfg(["model=paper003_cnn", f"+head={preset}", "dataset.image_size=16"], tmp_path))
+    assert root.cfg.model.head.pool == "flatten"  # the preset replaces the model's own head settings
+    net = root.network(num_classes=4)
+    assert [type(m).__name__ for m in net.head.mlp] == kinds
+    assert net.head.mlp[0].out_features == hidden and net.head.mlp[0].in_features == 256 * 9 * 9
+    net(torch.randn(2, 3, 16, 16)).sum().backward()
+
+
+def test_torchvision_googlenet_trains_under_dp() -> None:
+    """torchvision's BasicConv2d ReLU is in place; the adapter's is not, so Opacus' hooks accept GoogLeNet."""
+    from bloodfl.privacy.engine import prepare_model
+
+    _, _, mode = prepare_model(build_classifier("googlenet", 4, 32), (3, 32, 32), "auto")
+    assert mode == "ghost"

@@ -8,15 +8,20 @@ from pathlib import Path
 import pytest
 import torch
 
+from bloodfl.models import model_config
 from bloodfl.training.run import train
 from tests.conftest import CONF_DIR, FAST, compose_cfg, run_cli
 
 MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+# models whose fast_dev_run is too slow for the suite on a CPU; each still builds and runs forward in test_configs
+SLOW = {"nasnet": "NASNet-A Large: 85M parameters, ~70 s for one fast_dev_run on 2 CPU cores"}
 
 
 @pytest.mark.parametrize("model", MODELS)
 def test_fast_dev_run_every_model(model: str, tmp_path: Path) -> None:
-    size = 75 if model == "inception_v3" else 32
+    if model in SLOW:
+        pytest.skip(SLOW[model])
+    size = max(int(model_config(model).min_size), 32)
     cfg = compose_cfg([*FAST, f"model={model}", f"dataset.image_size={size}", "trainer.fast_dev_run=true",
                        "loader.batch_size=4"], tmp_path)
     metrics = train(cfg)

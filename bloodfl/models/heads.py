@@ -12,11 +12,13 @@ class PaperHead(nn.Module):
     pool="flatten" keeps the spatial layout (papers/000: Flatten -> Dense 1024); pool="avg" global-average
     pools first, which keeps the head small at large image sizes. hidden=0 drops the hidden layer.
     Token outputs (B, N, C) of vision transformers are flattened, or averaged over tokens.
+    batchnorm=True adds BatchNorm after the hidden layer's ReLU (papers/004's Xception and ResNet50 heads,
+    section 3.3.1: "dense layers with ReLU activation, batch normalization, dropout").
     Outputs logits; softmax is applied at inference (``predict_proba``) and inside the loss.
     """
 
     def __init__(self, in_shape: tuple[int, ...], num_classes: int, pool: str = "flatten",
-                 hidden: int = 1024, dropout: float = 0.5) -> None:
+                 hidden: int = 1024, dropout: float = 0.5, batchnorm: bool = False) -> None:
         super().__init__()
         if pool not in ("flatten", "avg"):
             raise ValueError(f"head.pool must be 'flatten' or 'avg', got {pool!r}")
@@ -30,7 +32,8 @@ class PaperHead(nn.Module):
         layers: list[nn.Module] = []
         if hidden > 0:
             # ReLU must not be in-place: Opacus' backward hooks reject in-place ops on hooked outputs
-            layers += [nn.Linear(in_features, hidden), nn.ReLU(), nn.Dropout(dropout)]
+            layers += [nn.Linear(in_features, hidden), nn.ReLU(), *([nn.BatchNorm1d(hidden)] if batchnorm else []),
+                       nn.Dropout(dropout)]
             in_features = hidden
         layers.append(nn.Linear(in_features, num_classes))
         self.mlp = nn.Sequential(*layers)

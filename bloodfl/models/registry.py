@@ -74,20 +74,43 @@ def _create_backbone(name: str, source: str, arch: str, kwargs: dict[str, Any], 
         if arch not in _BLOODFL_ARCHS:
             raise BloodflError(f"model {name!r}: no architecture {arch!r} is registered in bloodfl.models")
         return _BLOODFL_ARCHS[arch](**kwargs)
+    if source == "torchvision":
+        return _create_torchvision_backbone(name, arch, kwargs, pretrained)
     if source != "timm":
-        raise BloodflError(f"model {name!r}: unknown model.source {source!r}; valid: timm, bloodfl")
+        raise BloodflError(f"model {name!r}: unknown model.source {source!r}; valid: timm, torchvision, bloodfl")
     try:
         return timm.create_model(arch, pretrained=pretrained, num_classes=0, **kwargs)
     except (OSError, RuntimeError) as exc:
         if not pretrained:
             raise
         # huggingface_hub raises LocalEntryNotFoundError (an OSError) when offline and nothing is cached
-        raise BloodflError(
-            f"could not get ImageNet weights for {name!r} ({arch}) from the Hugging Face hub "
-            f"({type(exc).__name__}); either run once online so timm caches them, or set "
-            "model.weights=/path/to/weights.pth (a local state dict), or model.pretrained=false to train "
-            "from scratch"
-        ) from exc
+        raise _offline_weights_error(name, arch, "the Hugging Face hub", exc) from exc
+
+
+def _offline_weights_error(name: str, arch: str, where: str, exc: BaseException) -> BloodflError:
+    return BloodflError(
+        f"could not get ImageNet weights for {name!r} ({arch}) from {where} "
+        f"({type(exc).__name__}); either run once online so they are cached, or set "
+        "model.weights=/path/to/weights.pth (a local state dict), or model.pretrained=false to train "
+        "from scratch"
+    )
+
+
+def _create_torchvision_backbone(name: str, arch: str, kwargs: dict[str, Any], pretrained: bool) -> nn.Module:
+    from bloodfl.models.torchvision_adapter import FEATURE_MODULES, create_torchvision_backbone
+
+    if arch not in FEATURE_MODULES:
+        raise BloodflError(f"model {name!r}: torchvision architecture {arch!r} has no feature adapter; "
+                           f"adapted: {', '.join(FEATURE_MODULES)}")
+    if kwargs:
+        raise BloodflError(f"model {name!r}: torchvision backbones take no size_kwarg")
+    try:
+        return create_torchvision_backbone(arch, pretrained)
+    except (OSError, RuntimeError) as exc:
+        if not pretrained:
+            raise
+        # urllib's URLError (an OSError) when offline and nothing is in $TORCH_HOME/hub/checkpoints
+        raise _offline_weights_error(name, arch, "torchvision's download server", exc) from exc
 
 
 def _load_weights_file(model: BloodCellClassifier, path: str) -> str:
