@@ -268,6 +268,13 @@ class Root:
 
     # ---- federation ------------------------------------------------------------------------------------------
 
+    def check_federated(self) -> None:
+        """Settings that centralized training honours but a federation cannot (yet): refused, never ignored."""
+        finetune = self.cfg.get("finetune") or {}
+        if finetune.get("callback"):
+            raise BloodflError("finetune=frozen/two_phase is not supported by federate.py (clients train the whole "
+                               "network each round); use finetune=full, or train.py for the fine-tuning schemes")
+
     @property
     def fl(self) -> DictConfig:
         return self.cfg.fl

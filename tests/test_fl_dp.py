@@ -106,3 +106,10 @@ def test_dp_refuses_mixed_precision_and_weighting_is_explicit(tmp_path: Path) ->
     declared = Root(compose_cfg([*FL_FAST, "dp='true'", "fl.weighting=examples"], tmp_path, "federate"))
     assert declared.release_counts() and "not protected" in declared.dp_record()["fl.weighting"]
     assert Root(compose_cfg(FL_FAST, tmp_path, "federate")).release_counts()
+
+
+def test_federate_refuses_fine_tuning_schemes_it_would_ignore(tmp_path: Path) -> None:
+    from bloodfl.errors import BloodflError
+
+    with pytest.raises(BloodflError, match="finetune=frozen/two_phase is not supported by federate.py"):
+        federate(compose_cfg([*FL_FAST, "finetune=frozen"], tmp_path, "federate"))

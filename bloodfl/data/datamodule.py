@@ -199,7 +199,9 @@ class ArrayDataModule(pl.LightningDataModule):
 
     def to_float(self, x: torch.Tensor, train: bool) -> torch.Tensor:
         """uint8 NHWC batch -> normalized float NCHW; augmentation only when ``train``."""
-        x = x.permute(0, 3, 1, 2).float().div_(255.0)
+        # contiguous NCHW: a permuted view keeps channels-last strides, which made the CPU step ~10-25% slower
+        # (bench/bench_overhead.py --mode steps, docs/parity.md)
+        x = x.permute(0, 3, 1, 2).contiguous().float().div_(255.0)
         if train and self.augment is not None:
             x = self.augment(x)
         if self.register_mean_std is None:

@@ -53,6 +53,7 @@ class FederatedTask:
 
     def prepare(self, root: Root, out: Path) -> None:
         """The newest round checkpoint to resume from (fl.resume=true), or a refusal to overwrite one."""
+        root.check_federated()
         ckpts = list_checkpoints(out)
         resume = bool(root.fl.resume)
         if not resume:
