@@ -96,23 +96,29 @@ class PhaseTimer(pl.Callback):
         self._end("test")
 
 
+def timed_attribute(obj: Any, name: str, key: str, timings: dict[str, float]) -> tuple[Any, str, Any]:
+    """Replace ``obj.name`` by a wrapper adding its wall time (and call count) to ``timings[key]``; returns what
+    restores it. Measurement only: the benches put the original back when they are done."""
+    orig = getattr(obj, name)
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return orig(*args, **kwargs)
+        finally:
+            timings[key] += time.perf_counter() - t0
+            timings[key + " (count)"] += 1
+    setattr(obj, name, timed)
+    return obj, name, orig
+
+
 def time_checkpoint_saves(timings: dict[str, float]) -> Any:
     """Wrap ModelCheckpoint._save_checkpoint (top-k and last saves) and checkpoint loading for validate/test."""
     from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.strategies import Strategy
 
-    def wrap(cls: type, name: str, key: str) -> tuple[type, str, Any]:
-        orig = getattr(cls, name)
-
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            t0 = time.perf_counter()
-            try:
-                return orig(*args, **kwargs)
-            finally:
-                timings[key] += time.perf_counter() - t0
-                timings[key + " (count)"] += 1
-        setattr(cls, name, timed)
-        return cls, name, orig
+    def wrap(obj: Any, name: str, key: str) -> tuple[Any, str, Any]:
+        return timed_attribute(obj, name, key, timings)
 
     return [wrap(ModelCheckpoint, "_save_checkpoint", "checkpoint saves"),
             wrap(Strategy, "load_checkpoint", "checkpoint loads (validate/test)")]
@@ -251,16 +257,7 @@ def run_fl(a: argparse.Namespace, clients: int, out: Path) -> dict[str, Any]:
     timings: dict[str, float] = defaultdict(float)
 
     def wrap(obj: Any, name: str, key: str) -> tuple[Any, str, Any]:
-        orig = getattr(obj, name)
-
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            t0 = time.perf_counter()
-            try:
-                return orig(*args, **kwargs)
-            finally:
-                timings[key] += time.perf_counter() - t0
-        setattr(obj, name, timed)
-        return obj, name, orig
+        return timed_attribute(obj, name, key, timings)
 
     patches = [wrap(pl.Trainer, "fit", "local trainer.fit"), wrap(FLClient, "fit", "client fit (all)"),
                wrap(loop, "save_checkpoint", "round checkpoint"), wrap(loop, "plot_rounds", "rounds plot"),
