@@ -150,3 +150,36 @@ def test_torchvision_googlenet_trains_under_dp() -> None:
 
     _, _, mode = prepare_model(build_classifier("googlenet", 4, 32), (3, 32, 32), "auto")
     assert mode == "ghost"
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_model_trains_at_its_minimum_size(name: str) -> None:
+    """Parametrised over conf/model: a new config is tested automatically. Forward and backward on a tiny batch
+    at the model's minimum input size give num_classes logits and a gradient for every trainable parameter."""
+    from bloodfl.models import model_config
+
+    size = int(model_config(name).min_size)
+    torch.manual_seed(0)
+    model = build_classifier(name, 5, size)
+    logits = model(torch.randn(2, 3, size, size))
+    assert logits.shape == (2, 5)
+    logits.sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad), name
+
+
+@pytest.mark.parametrize("name", [n for n in list_models() if n != "nasnet"])
+def test_library_backbones_have_the_librarys_parameter_count(name: str) -> None:
+    """A timm backbone is timm's own model (less its classifier and the modules the config drops)."""
+    import timm
+
+    from bloodfl.models import model_config
+
+    cfg = model_config(name)
+    if cfg.source != "timm":
+        pytest.skip(f"{name} is not a timm model (torchvision names are checked above; bloodfl's own below)")
+    size = max(int(cfg.min_size), 32)
+    kwargs = {cfg.size_kwarg: size} if cfg.size_kwarg else {}
+    ref = timm.create_model(cfg.arch, pretrained=False, num_classes=0, **kwargs)
+    dropped = sum(p.numel() for d in cfg.drop for p in getattr(ref, d).parameters())
+    ours = build_classifier(name, 5, size).backbone
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ref.parameters()) - dropped
