@@ -77,6 +77,23 @@ class Root:
         return bool(self.cfg.get("test", True))
 
     @property
+    def bootstrap_resamples(self) -> int:
+        return int(self.cfg.get("evaluation", {}).get("bootstrap", 1000))
+
+    def title(self) -> str:
+        """What a figure shows: data set, model, split (and fold), federation and DP."""
+        cfg = self.cfg
+        split = f"split {cfg.split.name}"
+        if cfg.split.kind == "kfold":
+            split += f" fold {cfg.split.fold}/{cfg.split.k}"
+        parts = [str(cfg.dataset.name), str(cfg.model.name), split]
+        if "fl" in cfg:
+            parts.append(f"federated, {cfg.fl.num_clients} clients ({cfg.fl.partition})")
+        if self.dp_settings() is not None:
+            parts.append("DP")
+        return ", ".join(parts)
+
+    @property
     def image_size(self) -> int:
         return int(self.cfg.dataset.image_size)
 

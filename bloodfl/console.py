@@ -3,11 +3,12 @@ job, and ``dp=true`` as users type it."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,16 @@ def quiet_known_notices() -> None:
     logging.getLogger("opacus.data_loader").setLevel(logging.ERROR)
     # a real caveat of the RDP accountant, but the same one for every round and client: say it once
     warnings.filterwarnings("once", message=".*Optimal order is the largest alpha.*")
+
+
+@contextlib.contextmanager
+def cli_errors() -> Iterator[None]:
+    """For the ``python -m bloodfl.<tool>`` commands: a user error is one line on stderr and exit status 2."""
+    try:
+        yield
+    except BloodflError as exc:
+        print(f"bloodfl: error: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 def task_wrapper(fn: Callable[..., Any]) -> Callable[..., Any]:

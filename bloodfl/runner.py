@@ -5,8 +5,10 @@
 2. open the loggers — and always close them, also when the task fails, so the next job of a multirun starts
    a fresh W&B run;
 3. run the task's middle (:class:`Task`), which returns an :class:`Outcome`;
-4. write what every run writes with the same keys: the per-class report of the test predictions,
-   ``privacy.json`` and ``dp/epsilon``/``dp/delta`` when DP was on, ``metrics.json``; print one ``Done:`` line.
+4. write what every run writes with the same keys: the test evaluation (``bloodfl.evaluation.metrics``: per-class
+   report, confusion matrix, bootstrap CIs, ``test_predictions.csv``), the figures (``figures/``, also sent to
+   the loggers), ``privacy.json`` and ``dp/epsilon``/``dp/delta`` when DP was on, ``metrics.json``; print one
+   ``Done:`` line.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from bloodfl.compose import Root
 from bloodfl.console import print_config_tree
 from bloodfl.data.datamodule import BloodDataModule
 from bloodfl.errors import BloodflError
-from bloodfl.evaluation.report import class_report
+from bloodfl.evaluation.figures import write_figures
+from bloodfl.evaluation.metrics import Evaluation, evaluate, write_predictions
+from bloodfl.evaluation.publish import publish
 from bloodfl.privacy.engine import ClientPrivacy
 from bloodfl.privacy.integration import privacy_summary, write_privacy_json
 
@@ -46,12 +50,15 @@ class RunContext:
 @dataclass
 class Outcome:
     """What a task's middle returns: scalar metrics (``val/*``, ``test/*`` and its own keys), the selected
-    model's test-set probabilities and targets (for the per-class report), and the privacy accountants."""
+    model's test-set probabilities and targets (for the evaluation), the privacy accountants, and the learning
+    curves: one row per ``history_x`` (epoch or round)."""
 
     metrics: dict[str, Any]
     test_probs: torch.Tensor | None = None
     test_targets: torch.Tensor | None = None
     privacies: Sequence[ClientPrivacy] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    history_x: str = "epoch"
 
 
 class Task(Protocol):
@@ -83,6 +90,18 @@ def scalars(metrics: dict[str, Any]) -> dict[str, float]:
             if isinstance(v, (int, float, torch.Tensor)) and not isinstance(v, bool)}
 
 
+def evaluate_test(root: Root, dm: BloodDataModule, out: Path, outcome: Outcome) -> Evaluation | None:
+    """The selected model's test evaluation, written next to the run: ``test_per_class.csv``,
+    ``test_confusion_matrix.csv``, ``test_report.txt`` and ``test_predictions.csv`` (what ensembles average)."""
+    if outcome.test_probs is None or outcome.test_targets is None:
+        return None
+    ev = evaluate(outcome.test_probs, outcome.test_targets, list(dm.classes or []), root.bootstrap_resamples,
+                  seed=root.seed)
+    ev.write(out)
+    write_predictions(out / "test_predictions.csv", ev, dm.refs("test"))
+    return ev
+
+
 def run(cfg: DictConfig, task: Task) -> dict[str, Any]:
     """Run ``task`` inside the skeleton; returns the metrics written to ``metrics.json``."""
     root = Root(cfg)
@@ -101,10 +120,13 @@ def run(cfg: DictConfig, task: Task) -> dict[str, Any]:
             lg.log_hyperparams(root.config_dict())
         outcome = task.run(RunContext(root, out, dm, loggers))
         metrics = dict(outcome.metrics)
-        if outcome.test_probs is not None and outcome.test_targets is not None:
-            report = class_report(outcome.test_probs, outcome.test_targets, list(dm.classes or []))
-            report.write(out)
-            metrics["test/auroc_macro"] = report.auroc_macro
+        ev = evaluate_test(root, dm, out, outcome)
+        if ev is not None:
+            for k, v in ev.flat("test").items():  # the module's own test/* values stay (the same definitions)
+                metrics.setdefault(k, v)
+            metrics["test/confusion_matrix"] = ev.confusion
+        figures = write_figures(out, ev, outcome.history, outcome.history_x, root.title())
+        publish(loggers, ev, figures)
         if outcome.privacies:
             doc = write_privacy_json(out / "privacy.json", outcome.privacies, root.dp_record())
             metrics["dp/epsilon"], metrics["dp/delta"] = doc["worst"]["epsilon"], doc["worst"]["delta"]

@@ -49,7 +49,7 @@ def test_two_clients_two_rounds_outputs_and_learning(tmp_path: Path) -> None:
     for key in ("test/acc", "test/f1_macro", "test/loss", "val/acc"):
         assert saved[key] == pytest.approx(metrics[key])
     assert saved["test/acc"] == pytest.approx(float(rows[-1]["test/acc"]))
-    assert (tmp_path / "rounds.png").stat().st_size > 0
+    assert (tmp_path / "figures" / "learning_curves.png").stat().st_size > 0
     assert 0.0 <= saved["test/auroc_macro"] <= 1.0 and (tmp_path / "test_confusion_matrix.csv").exists()
     assert (tmp_path / "csv" / "metrics.csv").exists()
     part = (tmp_path / "partition.csv").read_text().splitlines()

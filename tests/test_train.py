@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -72,12 +73,25 @@ def test_multirun_two_models_each_write_metrics(tmp_path: Path) -> None:
         assert "test/acc" in json.loads(job.read_text())
     assert models == {"simple_cnn", "resnet18"}
 
-    from bloodfl.evaluation.collect import main as collect_main
+    # the study's report: both jobs, one marked best by validation
+    from bloodfl.report import report
 
     sweep_dir = jobs[0].parent.parent
-    assert collect_main([str(sweep_dir)]) == 0
-    summary = (sweep_dir / "summary.csv").read_text().splitlines()
-    assert len(summary) == 3 and "test/acc" in summary[0]
+    _, (header, rows) = report(sweep_dir)["tables"][0]
+    assert sorted(r[header.index("model")] for r in rows) == ["resnet18", "simple_cnn"]
+    assert sum(r[0].endswith("★") for r in rows) == 1
+    assert (sweep_dir / "report.html").read_text().count("<img") == 2 * 3  # each job's three figures
+
+    # soft voting over the two models (same split): the mean of the members' probabilities
+    from bloodfl.ensemble import ensemble
+    from bloodfl.evaluation.metrics import read_predictions
+
+    members = [j.parent for j in jobs]
+    ev = ensemble(members, tmp_path / "ensemble", resamples=100)
+    expected = np.mean([read_predictions(m / "test_predictions.csv")[3] for m in members], axis=0)
+    assert np.allclose(ev.per_image["probs"], expected, atol=1e-6)
+    assert np.allclose(read_predictions(tmp_path / "ensemble" / "test_predictions.csv")[3], expected, atol=1e-5)
+    assert (tmp_path / "ensemble" / "figures" / "roc.png").stat().st_size > 0
 
 
 def test_demo_learns_synthetic(tmp_path: Path) -> None:
@@ -106,19 +120,3 @@ def test_wandb_run_closed_even_on_failure(tmp_path: Path, monkeypatch: pytest.Mo
     with pytest.raises(RuntimeError, match="training crashed"):
         train(cfg)
     assert wandb.run is None
-
-
-def test_per_class_report_matches_definitions() -> None:
-    import torch
-
-    from bloodfl.evaluation.report import class_report
-
-    target = torch.tensor([0, 0, 1, 1, 2, 2])
-    pred = torch.tensor([0, 1, 1, 1, 2, 0])
-    probs = torch.nn.functional.one_hot(pred, 3).float() * 0.8 + 0.2 / 3
-    rep = class_report(probs, target, ["a", "b", "c"])
-    assert rep.confusion == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
-    # class a: TP=1 FN=1 FP=1 TN=3
-    assert rep.per_class["sensitivity"][0] == pytest.approx(0.5)
-    assert rep.per_class["specificity"][0] == pytest.approx(0.75)
-    assert rep.per_class["support"] == [2.0, 2.0, 2.0]

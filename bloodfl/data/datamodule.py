@@ -333,6 +333,11 @@ class BloodDataModule(ArrayDataModule):
                 + "` for details, or set dataset.verify=false to train anyway)"
             )
 
+    def refs(self, split: str) -> list[str]:
+        """The references (paths) of a split's images, in the order its loader yields them."""
+        assert self.table is not None
+        return [self.table.refs[i] for i in self.idx[split]]
+
     def save_splits(self, path: str | Path) -> None:
         """Write (path, label, split) for every image, so any run's split can be audited and reused."""
         assert self.table is not None and self.split is not None

@@ -1,61 +1,66 @@
-"""Gather the metrics.json of every job under a (multi)run directory into one table.
-
-    python -m bloodfl.evaluation.collect logs/train/multiruns/2026-11-22_10-00-00_000000
-"""
+"""Read the finished jobs under a run or multirun directory: each job's metrics, composed config and
+command-line overrides, and the figures it drew. The report (``python -m bloodfl.report``) builds on this."""
 
 from __future__ import annotations
 
-import argparse
-import csv
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
-from rich.console import Console
-from rich.table import Table
-
-DEFAULT_COLUMNS = ("val/acc", "test/acc", "test/f1_macro", "test/precision_macro", "test/recall_macro", "test/loss")
 
 
-def collect(root: str | Path) -> list[dict[str, object]]:
-    """One row per job: its directory, its command-line overrides, and its metrics."""
-    rows = []
+@dataclass
+class Job:
+    dir: Path
+    metrics: dict[str, Any]
+    overrides: list[str] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)  # .hydra/config.yaml, unresolved
+
+    def setting(self, dotted: str, default: Any = None) -> Any:
+        node: Any = self.config
+        for part in dotted.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return default
+            node = node[part]
+        return node
+
+    @property
+    def task(self) -> str:
+        return str(self.setting("task_name", "train"))
+
+    @property
+    def model(self) -> str:
+        return str(self.setting("model.name", "?"))
+
+    @property
+    def dataset(self) -> str:
+        return str(self.setting("dataset.name", "?"))
+
+    @property
+    def split(self) -> str:
+        name = str(self.setting("split.name", "?"))
+        return f"{name} fold {self.setting('split.fold')}" if self.setting("split.kind") == "kfold" else name
+
+    @property
+    def is_fold(self) -> bool:
+        return self.setting("split.kind") == "kfold"
+
+    def figures(self) -> list[Path]:
+        return sorted((self.dir / "figures").glob("*.png"))
+
+
+def _yaml(path: Path) -> Any:
+    return yaml.safe_load(path.read_text()) if path.exists() else None
+
+
+def collect(root: str | Path) -> list[Job]:
+    """Every job with a ``metrics.json`` under ``root`` (a run directory is a one-job study), in path order."""
+    jobs = []
     for metrics_file in sorted(Path(root).rglob("metrics.json")):
         job = metrics_file.parent
-        overrides_file = job / ".hydra" / "overrides.yaml"
-        overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.exists() else []
-        rows.append({"job": str(job), "overrides": " ".join(overrides or []), **json.loads(metrics_file.read_text())})
-    return rows
-
-
-def write_csv(rows: list[dict[str, object]], path: str | Path) -> None:
-    columns: list[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("root", help="a run or multirun directory")
-    parser.add_argument("--out", help="summary CSV (default: ROOT/summary.csv)")
-    args = parser.parse_args(argv)
-    rows = collect(args.root)
-    if not rows:
-        print(f"no metrics.json under {args.root}")
-        return 1
-    out = Path(args.out or Path(args.root) / "summary.csv")
-    write_csv(rows, out)
-    table = Table("overrides", *DEFAULT_COLUMNS)
-    for row in rows:
-        table.add_row(str(row["overrides"]), *(f"{row[c]:.4f}" if c in row else "-" for c in DEFAULT_COLUMNS))
-    Console().print(table)
-    print(f"summary: {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+        overrides = _yaml(job / ".hydra" / "overrides.yaml") or []
+        config = _yaml(job / ".hydra" / "config.yaml") or {}
+        jobs.append(Job(job, json.loads(metrics_file.read_text()), list(overrides), config))
+    return jobs

@@ -6,9 +6,9 @@ the FitResults. A network backend replaces this module and keeps clients and str
 
 Outputs in ``out_dir`` after every round: ``checkpoints/round_NNN.pt`` (global weights, strategy and client
 state, the rounds so far, RNG states; written atomically), ``rounds.csv`` (rewritten from the checkpointed
-history, so it always matches the last checkpoint) and ``rounds.png`` (papers/000 Fig. 13). A run killed at
-any point resumes from the newest checkpoint; since every client fit is seeded from (seed, round, client),
-the resumed run ends with exactly the weights of an uninterrupted one.
+history, so it always matches the last checkpoint) and ``figures/learning_curves.png`` (papers/000 Fig. 13).
+A run killed at any point resumes from the newest checkpoint; since every client fit is seeded from
+(seed, round, client), the resumed run ends with exactly the weights of an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from bloodfl.errors import BloodflError
+from bloodfl.evaluation.figures import learning_curves
 from bloodfl.fl.client import LOCAL_METRICS, FLClient
 from bloodfl.fl.evaluator import GlobalEvaluator
 from bloodfl.fl.strategy import FitResult, Strategy, Weights
@@ -131,27 +132,6 @@ def write_rounds_csv(path: Path, history: Sequence[dict[str, Any]], num_clients:
     os.replace(tmp, path)
 
 
-def plot_rounds(path: Path, history: Sequence[dict[str, Any]], split: str = "test") -> None:
-    """Global accuracy (and macro F1) and loss per round on ``split``, side by side (papers/000 Fig. 13)."""
-    from matplotlib.figure import Figure  # no pyplot: no GUI backend, safe in threads and on servers
-    from matplotlib.ticker import MaxNLocator
-
-    rounds = [h["round"] for h in history]
-    fig = Figure(figsize=(9, 3.5), layout="constrained")
-    ax_acc, ax_loss = fig.subplots(1, 2)
-    ax_acc.plot(rounds, [h[f"{split}/acc"] for h in history], marker="o", label="accuracy")
-    if all(f"{split}/f1_macro" in h for h in history):
-        ax_acc.plot(rounds, [h[f"{split}/f1_macro"] for h in history], marker=".", ls="--", label="macro F1")
-    ax_acc.set(xlabel="communication round", ylabel=f"global model, {split} set", title="accuracy")
-    ax_acc.legend()
-    ax_loss.plot(rounds, [h[f"{split}/loss"] for h in history], marker="o", color="tab:red")
-    ax_loss.set(xlabel="communication round", ylabel="cross-entropy", title="loss")
-    for ax in (ax_acc, ax_loss):
-        ax.grid(alpha=0.3)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.savefig(path, dpi=120)
-
-
 # ---- the loop -------------------------------------------------------------------------------------------
 
 class Simulation:
@@ -166,8 +146,10 @@ class Simulation:
     def __init__(self, clients: Sequence[FLClient], strategy: Strategy, evaluator: GlobalEvaluator,
                  settings: RoundSettings, out_dir: str | Path, initial_weights: Weights,
                  meta: dict[str, Any] | None = None, loggers: Sequence[Any] = (),
-                 on_round_end: Callable[[dict[str, Any]], None] | None = None, eval_split: str = "test") -> None:
+                 on_round_end: Callable[[dict[str, Any]], None] | None = None, eval_split: str = "test",
+                 title: str = "federated") -> None:
         self.clients = list(clients)
+        self.title = title  # of the learning-curve figure
         self.strategy = strategy
         self.evaluator = evaluator
         self.settings = settings
@@ -231,7 +213,7 @@ class Simulation:
         self.completed = r
         self._checkpoint(r)
         self._write_csv()
-        plot_rounds(self.out_dir / "rounds.png", self.history, split)
+        learning_curves(self.out_dir / "figures" / "learning_curves.png", self.history, "round", self.title)
         self._log(row)
         log.info("round %d/%d: %s/loss=%.4f %s/acc=%.4f (%d clients, %.1f s)", r, s.rounds, split,
                  row.get(f"{split}/loss", float("nan")), split, row.get(f"{split}/acc", float("nan")), len(sampled),

@@ -2,7 +2,8 @@
 
 Everything centralized training configures (data set, model, split, augmentation, loader, optimizer, trainer,
 logger) means the same here; ``fl.*`` adds the federation. The skeleton (``bloodfl.runner``) writes what every
-run writes; this task adds ``partition.csv`` (images per client and class), ``rounds.csv``, ``rounds.png``,
+run writes; this task adds ``partition.csv`` (images per client and class), ``rounds.csv``, the learning curves
+(``figures/learning_curves.png``, redrawn after every round),
 ``checkpoints/round_NNN.pt`` and, under DP, each client's own ``clients/clientN.csv`` (its local metrics, which
 it does not release).
 """
@@ -118,7 +119,7 @@ class FederatedTask:
                                                   if p.requires_grad])
         eval_split = "test" if root.evaluate_test else "val"
         sim = Simulation(clients, strategy, evaluator, settings, out, initial, meta={"fingerprint": root.fingerprint()},
-                         loggers=ctx.loggers, eval_split=eval_split)
+                         loggers=ctx.loggers, eval_split=eval_split, title=root.title())
         if self.state is not None:
             sim.restore(self.state)
         sim.replay_to_loggers()
@@ -136,9 +137,12 @@ class FederatedTask:
             probs, targets = module.test_probs, module.test_targets
         metrics.update({"rounds": settings.rounds, "local_epochs": settings.local_epochs,
                         "num_clients": len(clients), "strategy": strategy.name,
-                        "final_checkpoint": str(checkpoint_path(out, settings.rounds))})
+                        "final_checkpoint": str(checkpoint_path(out, settings.rounds)),
+                        "model/params": sum(p.numel() for p in global_module.net.parameters()),
+                        # rounds of an interrupted run count with the time they took then
+                        "time/fit_s": sum(float(h["seconds"]) for h in sim.history)})
         privacies = [c.privacy for c in clients if c.privacy is not None]
-        return Outcome(metrics, probs, targets, privacies)
+        return Outcome(metrics, probs, targets, privacies, history=sim.history, history_x="round")
 
 
 def federate(cfg: DictConfig, client_hook: ClientHook | None = None) -> dict[str, Any]:

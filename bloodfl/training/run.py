@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,7 @@ from omegaconf import DictConfig
 
 from bloodfl.compose import Root
 from bloodfl.runner import Outcome, RunContext, run, scalars
+from bloodfl.training.history import EpochHistory
 
 log = logging.getLogger("bloodfl")
 
@@ -29,8 +32,12 @@ class CentralizedTask:
         if privacy is not None:
             dm.use_poisson_sampling(privacy.sample_rate, privacy.steps_per_epoch, privacy.sampling_generator())
         module = root.module(net, dm.num_classes, dm.class_counts("train"), privacy)
-        trainer = root.trainer(root.callbacks(), ctx.loggers)
+        history = EpochHistory(privacy)
+        trainer = root.trainer([*root.callbacks(), history], ctx.loggers)
+        start = time.perf_counter()
         trainer.fit(module, datamodule=dm)
+        fit_seconds = time.perf_counter() - start
+        write_history(ctx.out / "history.csv", history.rows)
 
         ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         ckpt_path = ckpt or None  # fast_dev_run saves no checkpoint: evaluate the weights as they are
@@ -44,8 +51,23 @@ class CentralizedTask:
             probs = module.test_probs
         metrics["epochs"] = trainer.current_epoch
         metrics["best_checkpoint"] = ckpt or None
+        metrics["model/params"] = sum(p.numel() for p in net.parameters())
+        metrics["time/fit_s"] = fit_seconds
+        # images through the training step per second, validation included in the time (what a user waits for)
+        metrics["time/images_per_s"] = len(dm.idx["train"]) * len(history.rows) / max(fit_seconds, 1e-9)
         return Outcome(metrics, probs, module.test_targets if probs is not None else None,
-                       [privacy] if privacy is not None else [])
+                       [privacy] if privacy is not None else [], history=history.rows, history_x="epoch")
+
+
+def write_history(path: Path, rows: list[dict[str, Any]]) -> None:
+    """The learning curves as a table: one row per epoch."""
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
