@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -47,6 +48,13 @@ def test_run_directory_contract(tmp_path: Path) -> None:
     last = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert "state_dict" in last and "optimizer_states" not in last  # weights only (issue #8)
     assert Path(saved["best_checkpoint"]).exists()
+    # the reported val/* are those of the selected (best val/loss) epoch, whose checkpoint is tested
+    with open(tmp_path / "history.csv") as fh:
+        history = list(csv.DictReader(fh))
+    best = min(history, key=lambda r: float(r["val/loss"]))
+    assert saved["val/loss"] == pytest.approx(float(best["val/loss"]), abs=0)
+    assert saved["val/acc"] == pytest.approx(float(best["val/acc"]), abs=0)
+    assert Path(saved["best_checkpoint"]).name == f"best-epoch{int(best['epoch']) - 1:03d}.ckpt"
     assert (tmp_path / "csv" / "metrics.csv").exists()
     per_class = (tmp_path / "test_per_class.csv").read_text().splitlines()
     assert per_class[0] == "class,support,sensitivity,specificity,precision,f1,auroc" and len(per_class) == 9

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig
+from pytorch_lightning.callbacks import ModelCheckpoint
 
 from bloodfl.compose import Root
 from bloodfl.runner import Outcome, RunContext, run, scalars
@@ -41,8 +42,9 @@ class CentralizedTask:
 
         ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         ckpt_path = ckpt or None  # fast_dev_run saves no checkpoint: evaluate the weights as they are
-        metrics: dict[str, Any] = scalars(trainer.validate(module, datamodule=dm, ckpt_path=ckpt_path,
-                                                           verbose=False)[0])
+        # the selected epoch's validation values were logged when it ran: no second validation pass (issue #8)
+        metrics: dict[str, Any] = selected_epoch(history.rows, trainer.checkpoint_callback) or scalars(
+            trainer.validate(module, datamodule=dm, ckpt_path=ckpt_path, verbose=False)[0])
         if "val/acc" in metrics:
             metrics["val/acc_best"] = max(module.val_acc_history or [metrics["val/acc"]])
         probs: torch.Tensor | None = None
@@ -57,6 +59,24 @@ class CentralizedTask:
         metrics["time/images_per_s"] = len(dm.idx["train"]) * len(history.rows) / max(fit_seconds, 1e-9)
         return Outcome(metrics, probs, module.test_targets if probs is not None else None,
                        [privacy] if privacy is not None else [], history=history.rows, history_x="epoch")
+
+
+def selected_epoch(rows: list[dict[str, Any]], checkpoint: ModelCheckpoint | None) -> dict[str, float] | None:
+    """The ``val/*`` values of the epoch whose weights the checkpoint callback selected, or None when that
+    epoch cannot be told from the history (then the caller validates the checkpoint again)."""
+    if checkpoint is None or not checkpoint.best_model_path or not rows:
+        return None
+    if checkpoint.monitor is None:  # Lightning's default callback keeps the last epoch
+        row = rows[-1]
+    else:
+        score = checkpoint.best_model_score
+        if score is None:
+            return None
+        # the first epoch with the best score: ModelCheckpoint replaces its best only on a strict improvement
+        row = next((r for r in rows if r.get(checkpoint.monitor) == float(score)), None)
+        if row is None:
+            return None
+    return {k: v for k, v in row.items() if k.startswith("val/")}
 
 
 def write_history(path: Path, rows: list[dict[str, Any]]) -> None:
