@@ -6,8 +6,8 @@ the FitResults. A network backend replaces this module and keeps clients and str
 
 Outputs in ``out_dir`` after every round: ``checkpoints/round_NNN.pt`` (global weights, strategy and client
 state, the rounds so far, RNG states; written atomically), ``rounds.csv`` (rewritten from the checkpointed
-history, so it always matches the last checkpoint) and ``figures/learning_curves.png`` (papers/000 Fig. 13).
-A run killed at any point resumes from the newest checkpoint; since every client fit is seeded from
+history, so it always matches the last checkpoint; the run's end draws it as ``figures/learning_curves.png``,
+papers/000 Fig. 13). A run killed at any point resumes from the newest checkpoint; since every client fit is seeded from
 (seed, round, client), the resumed run ends with exactly the weights of an uninterrupted one.
 """
 
@@ -28,7 +28,6 @@ import numpy as np
 import torch
 
 from bloodfl.errors import BloodflError
-from bloodfl.evaluation.figures import learning_curves
 from bloodfl.fl.client import LOCAL_METRICS, FLClient
 from bloodfl.fl.evaluator import GlobalEvaluator
 from bloodfl.fl.strategy import FitResult, Strategy, Weights
@@ -146,10 +145,8 @@ class Simulation:
     def __init__(self, clients: Sequence[FLClient], strategy: Strategy, evaluator: GlobalEvaluator,
                  settings: RoundSettings, out_dir: str | Path, initial_weights: Weights,
                  meta: dict[str, Any] | None = None, loggers: Sequence[Any] = (),
-                 on_round_end: Callable[[dict[str, Any]], None] | None = None, eval_split: str = "test",
-                 title: str = "federated") -> None:
+                 on_round_end: Callable[[dict[str, Any]], None] | None = None, eval_split: str = "test") -> None:
         self.clients = list(clients)
-        self.title = title  # of the learning-curve figure
         self.strategy = strategy
         self.evaluator = evaluator
         self.settings = settings
@@ -213,7 +210,6 @@ class Simulation:
         self.completed = r
         self._checkpoint(r)
         self._write_csv()
-        learning_curves(self.out_dir / "figures" / "learning_curves.png", self.history, "round", self.title)
         self._log(row)
         log.info("round %d/%d: %s/loss=%.4f %s/acc=%.4f (%d clients, %.1f s)", r, s.rounds, split,
                  row.get(f"{split}/loss", float("nan")), split, row.get(f"{split}/acc", float("nan")), len(sampled),

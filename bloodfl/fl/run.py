@@ -2,8 +2,8 @@
 
 Everything centralized training configures (data set, model, split, augmentation, loader, optimizer, trainer,
 logger) means the same here; ``fl.*`` adds the federation. The skeleton (``bloodfl.runner``) writes what every
-run writes; this task adds ``partition.csv`` (images per client and class), ``rounds.csv``, the learning curves
-(``figures/learning_curves.png``, redrawn after every round),
+run writes; this task adds ``partition.csv`` (images per client and class), ``rounds.csv`` (the learning
+curves; drawn at the end as ``figures/learning_curves.png``),
 ``checkpoints/round_NNN.pt`` and, under DP, each client's own ``clients/clientN.csv`` (its local metrics, which
 it does not release).
 """
@@ -119,7 +119,7 @@ class FederatedTask:
                                                   if p.requires_grad])
         eval_split = "test" if root.evaluate_test else "val"
         sim = Simulation(clients, strategy, evaluator, settings, out, initial, meta={"fingerprint": root.fingerprint()},
-                         loggers=ctx.loggers, eval_split=eval_split, title=root.title())
+                         loggers=ctx.loggers, eval_split=eval_split)
         if self.state is not None:
             sim.restore(self.state)
         sim.replay_to_loggers()
