@@ -188,3 +188,16 @@ def test_federated_dp_run_predicts_with_its_final_global_model(images, tmp_path:
     evaluator.evaluate(load_checkpoint(Path(metrics["final_checkpoint"]))["weights"], "test")
     got = torch.tensor([[float(rows[p][f"p_{c}"]) for c in classes] for p in pixels])
     torch.testing.assert_close(got, evaluator.module.test_probs, atol=2e-6, rtol=0)
+
+
+def test_run_without_a_best_checkpoint_uses_the_final_weights_it_tested(run, images, tmp_path: Path, capsys) -> None:
+    """dp=true runs save only last.ckpt (best_checkpoint: null) and test their final weights: predict uses those."""
+    run_dir, _ = run
+    folder, _ = images
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("best-*.ckpt", "predictions"))
+    metrics = json.loads((copy / "metrics.json").read_text())
+    (copy / "metrics.json").write_text(json.dumps({**metrics, "best_checkpoint": None}))
+    assert main([f"run={copy}", f"images={folder / 'cell0.png'}", f"out={tmp_path / 'p.csv'}"]) == 0
+    assert "the final weights the run tested (last.ckpt" in capsys.readouterr().out
+    assert len(read_rows(tmp_path / "p.csv")) == 1

@@ -73,7 +73,15 @@ def find_checkpoint(run_dir: str | Path) -> Checkpoint:
     """The checkpoint of the model the run reports (see the module docstring)."""
     run_dir = Path(run_dir)
     metrics_path = run_dir / "metrics.json"
-    metrics: dict[str, Any] = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    try:
+        metrics: dict[str, Any] = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    except ValueError as exc:
+        raise BloodflError(f"{metrics_path} is not valid JSON ({exc}); restore it or retrain") from None
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if "best_checkpoint" in metrics and not metrics["best_checkpoint"] and last.is_file():
+        # no best checkpoint was saved (e.g. dp=true: DP-SGD's own optimizer steps leave Lightning's global_step at
+        # 0, so ModelCheckpoint saves only last.ckpt): the run then tested its final weights, which last.ckpt holds
+        return Checkpoint(last, "lightning", "the final weights the run tested (last.ckpt; it saved no best)")
     for key, kind, what in (("final_checkpoint", "round", "the final global model"),
                             ("best_checkpoint", "lightning", "the best checkpoint by val/loss")):
         if key not in metrics:
