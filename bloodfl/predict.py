@@ -123,11 +123,12 @@ def predict(args: Args, console: Console | None = None) -> Path:
 
     out.parent.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
+        # before any file is written: a model Grad-CAM cannot explain is refused first
+        cams = stack.enter_context(CamMaker(model, preprocess.image_size)) if args.cam else None
         fh = stack.enter_context(open(out, "x", newline=""))  # "x": a file that appeared meanwhile is kept too
         writer = csv.writer(fh)
         header = ["path", "predicted", "confidence", *(f"p_{c}" for c in classes)]
         writer.writerow([*header, "cam"] if args.cam else header)
-        cams = stack.enter_context(CamMaker(model, preprocess.image_size)) if args.cam else None
         if cams is not None:
             cam_dir.mkdir(parents=True, exist_ok=True)
         progress = stack.enter_context(Progress(TextColumn("predict"), BarColumn(), MofNCompleteColumn(),
