@@ -15,6 +15,7 @@ the local trainer's ``max_epochs``.
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import re
@@ -24,7 +25,7 @@ from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from bloodfl.config import instantiate
@@ -97,6 +98,11 @@ class Root:
     def image_size(self) -> int:
         return int(self.cfg.dataset.image_size)
 
+    @property
+    def resize(self) -> str:
+        """How images are fitted to ``image_size`` (``dataset.resize``: stretch or pad)."""
+        return str(self.cfg.dataset.get("resize", "stretch"))
+
     def config_dict(self) -> dict[str, Any]:
         """The resolved config, for loggers' hyper-parameters."""
         out = OmegaConf.to_container(self.cfg, resolve=True)
@@ -158,6 +164,19 @@ class Root:
                                batch_size=int(self.cfg.loader.batch_size), normalize=dm.normalization,
                                num_workers=int(self.cfg.loader.num_workers), classes=dm.classes)
 
+    def input_settings(self) -> dict[str, Any]:
+        """A finished run's inputs as its config gives them (for runs older than ``preprocessing.json``): image size,
+        resize mode, the ``normalize`` setting, and the listed classes (None where the data set discovers them)."""
+        ds = self.cfg.dataset
+        normalize = ds.get("normalize", "imagenet")
+        if isinstance(normalize, DictConfig):
+            normalize = OmegaConf.to_container(normalize, resolve=True)
+        classes = ds.get("classes")
+        if classes is not None:
+            drop = {str(c) for c in ds.get("drop_classes") or []}
+            classes = [str(c) for c in classes if str(c) not in drop]
+        return {"image_size": self.image_size, "resize": self.resize, "normalize": normalize, "classes": classes}
+
     def _log_image_size(self) -> None:
         """Say so when the data set's default size was raised to the model's minimum (conf: ``at_least``)."""
         raw = str(OmegaConf.to_container(self.cfg.dataset, resolve=False).get("image_size"))
@@ -183,6 +202,18 @@ class Root:
             log.info("dp: per-sample gradients by %s",
                      "ghost clipping" if self._dp_mode == "ghost" else "per-sample hooks")
         return net
+
+    def trained_network(self, num_classes: int) -> nn.Module:
+        """A finished run's network, for its checkpoint to be loaded into: the layers it was trained with (DP's
+        replacements included), without reading ``model.weights`` or fetching timm's ImageNet weights, which the
+        checkpoint replaces anyway (and which may be gone, or offline, by now). torchvision's ``pretrained`` is
+        kept: it also switches GoogLeNet's input transform, which is no weight."""
+        cfg = copy.deepcopy(self.cfg)
+        with open_dict(cfg):
+            cfg.model.weights = None
+            if cfg.model.get("source") != "torchvision":
+                cfg.model.pretrained = False
+        return Root(cfg).network(num_classes)
 
     def optimizer(self) -> Callable[..., Any]:
         """``optim.optimizer``: a partial optimizer that the module completes with its parameters."""

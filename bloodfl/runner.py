@@ -1,7 +1,7 @@
 """The run skeleton every task shares (``train.py``, ``federate.py``): the part of a run that is not training.
 
 1. print the config, claim the run's own directory (never a finished one), seed, load and split the data,
-   write ``splits.csv``;
+   write ``splits.csv`` and ``preprocessing.json`` (image size, resize, mean/std in use, class names);
 2. open the loggers — and always close them, also when the task fails, so the next job of a multirun starts
    a fresh W&B run;
 3. run the task's middle (:class:`Task`), which returns an :class:`Outcome`;
@@ -27,6 +27,7 @@ from omegaconf import DictConfig
 from bloodfl.compose import Root
 from bloodfl.console import print_config_tree
 from bloodfl.data.datamodule import BloodDataModule
+from bloodfl.data.preprocessing import PREPROCESSING_FILE, save_preprocessing
 from bloodfl.errors import BloodflError
 from bloodfl.evaluation.figures import write_figures
 from bloodfl.evaluation.metrics import Evaluation, evaluate, write_predictions
@@ -112,6 +113,8 @@ def run(cfg: DictConfig, task: Task) -> dict[str, Any]:
     dm = root.datamodule()
     dm.setup("fit")
     dm.save_splits(out / "splits.csv")
+    # what predict needs to feed the model as the run did (normalize=train's statistics, class order)
+    save_preprocessing(out / PREPROCESSING_FILE, dm, root.image_size, root.resize)
     log.info("data: %s: %s", dm.dataset_cfg.name, ", ".join(f"{s}={len(dm.idx[s])}" for s in ("train", "val", "test")))
 
     loggers = root.loggers()
