@@ -26,7 +26,8 @@ def _train_count(out: Path) -> int:
 def test_dp_training_reports_the_epsilon_opacus_computes(tmp_path: Path) -> None:
     epochs, sigma = 2, 1.3
     cfg = compose_cfg([*FAST, "dp='true'", "dp.target_epsilon=null", f"dp.noise_multiplier={sigma}",
-                       f"trainer.max_epochs={epochs}", f"loader.batch_size={BATCH}"], tmp_path)
+                       f"trainer.max_epochs={epochs}", f"loader.batch_size={BATCH}", "callbacks=default",
+                       "callbacks.progress_bar=null"], tmp_path)
     metrics = train(cfg)
     doc = json.loads((tmp_path / "privacy.json").read_text())
     n = _train_count(tmp_path)
@@ -41,6 +42,11 @@ def test_dp_training_reports_the_epsilon_opacus_computes(tmp_path: Path) -> None
     assert doc["worst"]["epsilon"] == client["epsilon"] == metrics["dp/epsilon"]
     assert doc["settings"]["noise_multiplier"] == sigma
     assert 0 <= metrics["test/acc"] <= 1
+    # DP-SGD steps count as Lightning steps, so the best checkpoint by val/loss exists and is the one tested
+    # (they did not: global_step stayed 0 and ModelCheckpoint saved only last.ckpt)
+    with open(tmp_path / "history.csv") as fh:
+        best = min(csv.DictReader(fh), key=lambda r: float(r["val/loss"]))
+    assert Path(metrics["best_checkpoint"]).name == f"best-epoch{int(best['epoch']) - 1:03d}.ckpt"
 
 
 def test_dp_target_epsilon_is_met(tmp_path: Path) -> None:

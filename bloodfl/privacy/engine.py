@@ -30,7 +30,7 @@ import hashlib
 import math
 import secrets
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -363,11 +363,16 @@ class PrivateTraining:
         self._trainable = [p for p in model.parameters() if p.requires_grad]
         self._all_trainable = all(p.requires_grad for p in model.parameters())
 
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """One DP-SGD step on a Poisson batch; returns (mean loss, logits), both detached (None if empty)."""
+    def step(self, x: torch.Tensor, y: torch.Tensor,
+             optimizer_step: Callable[[], Any] | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """One DP-SGD step on a Poisson batch; returns (mean loss, logits), both detached (None if empty).
+
+        optimizer_step: what steps the DPOptimizer (default: its ``step``); Lightning passes its wrapper of the
+        same optimizer, so the step is counted (``global_step``: checkpoints, schedulers, logging intervals)."""
+        step = optimizer_step or self.optimizer.step
         self.optimizer.zero_grad(set_to_none=True)
         if x.shape[0] == 0:  # Poisson sampling can draw nobody: still a DP step (noise only), still accounted
-            self._noise_only_step()
+            self._noise_only_step(step)
             return None, None
         if self.mode == "ghost":
             logits = self._ghost_backward(x, y)
@@ -378,7 +383,7 @@ class PrivateTraining:
             # ties every sample's gradient to the rest of the batch (sensitivity above max_grad_norm).
             logits = self.model(x)
             self.per_sample_loss(logits, y).mean().backward()
-        self.optimizer.step()
+        step()
         with torch.no_grad():  # what is logged: the criterion as configured (as val/loss), not what was clipped
             loss = self.criterion(logits.detach(), y)
         return loss, logits.detach()
@@ -410,13 +415,13 @@ class PrivateTraining:
             self.hooks.enable_hooks()
         return logits
 
-    def _noise_only_step(self) -> None:
+    def _noise_only_step(self, step: Callable[[], Any]) -> None:
         for p in self.optimizer.params:
             if self.mode == "ghost":
                 p.grad = torch.zeros_like(p)
             else:
                 p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
-        self.optimizer.step()
+        step()
 
     def close(self) -> None:
         """Remove Opacus hooks and attributes; the model is a plain module again."""

@@ -76,7 +76,8 @@ class ClassifierModule(pl.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         x, y = batch
         if self.private is not None:  # DP-SGD: forward, per-sample clipping, noise and the step happen there
-            loss, logits = self.private.step(x, y)
+            # stepped through Lightning's wrapper of the DPOptimizer, so Lightning counts the step
+            loss, logits = self.private.step(x, y, optimizer_step=self.optimizers().step)  # type: ignore[union-attr]
             if loss is None:  # an empty Poisson batch: a noise-only step was taken, nothing to log
                 return None
         else:
