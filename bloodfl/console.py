@@ -62,6 +62,7 @@ def task_wrapper(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        quiet_known_notices()  # again here: a launcher such as submitit runs jobs in fresh processes
         try:
             return fn(*args, **kwargs)
         except BloodflError as exc:
