@@ -9,6 +9,7 @@ import itertools
 import json
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,6 @@ from tests.conftest import CONF_DIR, FAST, ROOT, run_cli
 SWEEPS = sorted(p.stem for p in (CONF_DIR / "sweep").glob("*.yaml"))
 WANDB_DIR = ROOT / "sweeps" / "wandb"
 WANDB_COMMAND = ["${env}", "${interpreter}", "${program}", "${args_no_hyphens}"]
-LOGGER_ARGS = {"logger", "logger.wandb.offline"}  # what a W&B run adds to the Hydra sweep's job
 
 
 def _compose(overrides: list[str]) -> DictConfig:
@@ -35,7 +35,7 @@ def _compose(overrides: list[str]) -> DictConfig:
         return compose(config_name="train", overrides=overrides, return_hydra_config=True)
 
 
-def _jobs(params: dict[str, Any], args: list[str] = ()) -> list[list[str]]:
+def _jobs(params: dict[str, Any], args: Sequence[str] = ()) -> list[list[str]]:
     """The jobs Hydra's basic sweeper launches for ``hydra.sweeper.params`` and command-line ``args``."""
     overrides = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()] + list(args))
     return BasicSweeper.split_arguments(overrides, None)[0]
@@ -73,6 +73,7 @@ def test_paper_sweep_and_its_wandb_twin(sweep: str) -> None:
     assert hydra_cfg.hydra.mode.name == "MULTIRUN"
     params = dict(hydra_cfg.hydra.sweeper.params)
     jobs = _jobs(params)
+    assert set(params) == set(swept)
     assert len(jobs) == len(list(itertools.product(*swept.values())))
     for key, values in swept.items():  # the same grid in both, value for value
         assert sorted({_job_value(job, key) for job in jobs}) == sorted(str(v) for v in values), key
