@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -73,6 +75,7 @@ def task_wrapper(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        quiet_known_notices()  # again here: a launcher such as submitit runs jobs in fresh processes
         try:
             return fn(*args, **kwargs)
         except BloodflError as exc:
@@ -85,6 +88,9 @@ def task_wrapper(fn: Callable[..., Any]) -> Callable[..., Any]:
             out.mkdir(parents=True, exist_ok=True)
             (out / ERROR_FILE).write_text(line + "\n")
             return None
+        finally:
+            if os.environ.get("SUBMITIT_EXECUTOR") and _in_multirun():  # a submitit job: its process ends with it
+                skip_exit_collection()
 
     return wrapper
 
@@ -169,4 +175,14 @@ def launch(main: Callable[[], Any]) -> None:
 
     quiet_known_notices()
     bool_group_choices(CONF_DIR)
-    main()
+    try:
+        main()
+    finally:
+        skip_exit_collection()
+
+
+def skip_exit_collection() -> None:
+    """For a process about to exit: the interpreter's last garbage collection over everything torch and Lightning
+    loaded takes ~3 s (measured: 3.6 s -> 0.7 s from import to exit); frozen objects are left to the OS.
+    Loggers are finalized and W&B closed before this (bloodfl/runner.py)."""
+    gc.freeze()
