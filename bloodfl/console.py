@@ -40,6 +40,11 @@ def print_config_tree(cfg: DictConfig) -> None:
     rich.print(tree)
 
 
+class _NoTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
 def quiet_known_notices() -> None:
     """Library notices that tell a bloodfl user nothing new, silenced once for the whole process:
     Opacus' secure-RNG note (docs/privacy.md says what secure mode protects against), Lightning's hints about
@@ -51,6 +56,11 @@ def quiet_known_notices() -> None:
     warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated.*")
     warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
     logging.getLogger("opacus.data_loader").setLevel(logging.ERROR)
+    # Lightning advertises its hosted logger on every Trainer it builds (a federated run builds one per client and
+    # round)
+    rank_zero = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    if not any(isinstance(f, _NoTips) for f in rank_zero.filters):
+        rank_zero.addFilter(_NoTips())
     # a real caveat of the RDP accountant, but the same one for every round and client: say it once
     warnings.filterwarnings("once", message=".*Optimal order is the largest alpha.*")
 

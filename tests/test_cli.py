@@ -62,3 +62,4 @@ def test_federate_dp_true_as_typed(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr[-3000:]
     assert "DP: epsilon=" in res.stdout and "Done: outputs in" in res.stdout
     assert "Secure RNG turned off" not in res.stdout + res.stderr  # a notice handled once, where it arises
+    assert "💡 Tip" not in res.stdout + res.stderr  # Lightning's advertisement, once per Trainer built
