@@ -52,6 +52,7 @@ def test_a_user_error_fails_its_job_only_and_the_sweep_names_it(tmp_path: Path) 
     assert "bloodfl: error: model 'inception_v3' needs images of at least 75 px" in res.stderr
     assert "1 job(s) of the sweep" in res.stderr and "model=inception_v3" in res.stderr.split("failed:")[-1]
     assert "Traceback" not in res.stderr
+    assert "💡 Tip" not in res.stdout + res.stderr  # Lightning's advertisement, once per Trainer built
     done = list((tmp_path / "logs" / "train" / "multiruns").glob("*/*/metrics.json"))
     assert len(done) == 1 and "test/acc" in json.loads(done[0].read_text())
 
@@ -62,4 +63,3 @@ def test_federate_dp_true_as_typed(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr[-3000:]
     assert "DP: epsilon=" in res.stdout and "Done: outputs in" in res.stdout
     assert "Secure RNG turned off" not in res.stdout + res.stderr  # a notice handled once, where it arises
-    assert "💡 Tip" not in res.stdout + res.stderr  # Lightning's advertisement, once per Trainer built
