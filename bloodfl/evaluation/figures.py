@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure  # no pyplot: no GUI backend, safe in threads and on servers
+from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay
 
 from bloodfl.evaluation.metrics import Evaluation
@@ -67,6 +68,7 @@ def learning_curves(path: Path, history: Sequence[dict[str, Any]], x: str, title
             if pts:
                 ax.plot(*zip(*pts), marker="o", ms=3, label=split)
         ax.set_xlabel(x)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("accuracy" if metric == "acc" else "loss")
         ax.grid(alpha=0.3)
         if ax.lines:
@@ -76,6 +78,7 @@ def learning_curves(path: Path, history: Sequence[dict[str, Any]], x: str, title
         for key in eps_keys:
             ax.plot(xs, [float(h.get(key) or np.nan) for h in history], marker=".", label=key.split("/")[0])
         ax.set_xlabel(x)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("ε (spent so far)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
