@@ -30,6 +30,8 @@ from bloodfl.fl.run import federate  # noqa: E402
 from tests.conftest import ROOT, compose_cfg  # noqa: E402
 from tests.test_fl_run import FL_FAST, final_weights, rounds  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # a shared 2-core machine (tests/conftest.py)
+
 TIMING = ("seconds", "fit_seconds", "eval_seconds")
 DP = ["dp='true'", "dp.target_epsilon=null", "dp.noise_multiplier=1.0"]
 
@@ -39,10 +41,10 @@ def _without_timing(rows: list[dict[str, str]]) -> list[dict[str, str]]:
 
 
 def test_simulation_agrees_with_the_inprocess_backend(tmp_path: Path) -> None:
-    """2 clients x 2 rounds in Flower's simulation runtime (Ray) against the in-process loop, same seed: the same
+    """2 clients x 2 rounds in Flower's simulation runtime against the in-process loop, same seed: the same
     computation (same client fits, same bloodfl aggregation, same evaluation), so every per-round number agrees
     exactly, global and local; and the global model learns (the Flower end-to-end idiom)."""
-    args = [*FL_FAST, "fl.flower.client_cpus=2"]  # one Ray actor on 2 cores: the clients fit one after another
+    args = FL_FAST
     inproc = federate(compose_cfg(args, tmp_path / "inprocess", "federate"))
     flwr_run = federate(compose_cfg([*args, "fl.backend=flower"], tmp_path / "flower", "federate"))
     a, b = rounds(tmp_path / "inprocess"), rounds(tmp_path / "flower")
@@ -58,6 +60,34 @@ def test_simulation_agrees_with_the_inprocess_backend(tmp_path: Path) -> None:
     assert saved["test/acc"] == pytest.approx(float(b[-1]["test/acc"])) and "test/auroc_macro" in saved
     for name in ("rounds.png", "partition.csv", "splits.csv", "test_per_class.csv", "checkpoints/round_002.pt"):
         assert (out / name).exists(), name
+
+
+def test_dp_simulation_agrees_with_the_inprocess_backend(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same under dp=true, once both backends' clients hold the same secrets (by design two runs never do:
+    each client's noise comes from a secret made at random): identical global metrics and final weights, and
+    privacy.json -- which the flower backend assembles from the sites' own saved state -- reports the same
+    epsilon and steps for every client. The server's rounds.csv has no epsilon with Flower: it never learns it."""
+    from bloodfl.privacy.engine import ClientPrivacy, ClientSecret
+
+    real_init = ClientPrivacy.__init__
+
+    def known_secret(self: ClientPrivacy, *args: object, **kwargs: object) -> None:
+        real_init(self, *args, **kwargs)  # type: ignore[arg-type]
+        self.secret = ClientSecret(secret=int(self.name.removeprefix("client")) + 1)
+
+    monkeypatch.setattr(ClientPrivacy, "__init__", known_secret)
+    args = [*FL_FAST, *DP]
+    federate(compose_cfg(args, tmp_path / "inprocess", "federate"))
+    federate(compose_cfg([*args, "fl.backend=flower"], tmp_path / "flower", "federate"))
+    a, b = rounds(tmp_path / "inprocess"), rounds(tmp_path / "flower")
+    shared = [k for k in b[0] if k not in TIMING and not k.endswith("/epsilon")]
+    assert [{k: r[k] for k in shared} for r in a] == [{k: r[k] for k in shared} for r in b]
+    assert all(r[f"client{c}/epsilon"] == "" for r in b for c in (0, 1)) and float(a[0]["client0/epsilon"]) > 0
+    wa, wb = final_weights(tmp_path / "inprocess"), final_weights(tmp_path / "flower")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    pa, pb = (json.loads((tmp_path / d / "privacy.json").read_text())["clients"] for d in ("inprocess", "flower"))
+    assert [(c["epsilon"], c["steps"]) for c in pa] == [(c["epsilon"], c["steps"]) for c in pb]
+    assert (tmp_path / "flower" / "clients" / "client1" / "state" / "round_002.pt").exists()
 
 
 def _dp_site(tmp_path: Path) -> tuple[flower.SiteSpec, dict, dict[str, torch.Tensor]]:
@@ -136,6 +166,16 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _wait_for_port(port: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f} s")
+
+
 def _site_folder(base: Path, seed: int) -> Path:
     """A hospital's own images, one folder per class (what dataset=imagefolder reads)."""
     from PIL import Image
@@ -173,6 +213,7 @@ def test_deployment_superlink_and_two_supernodes_on_loopback(tmp_path: Path) -> 
     try:
         start("flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port),
               "--disable-runtime-dependency-installation", log="superlink.log")
+        _wait_for_port(port)
         for k in (0, 1):
             node_config = f"site-id={k} data-dir='{_site_folder(tmp_path / f'site{k}_images', k + 1)}' " \
                           f"site-dir='{tmp_path / f'site{k}'}'"

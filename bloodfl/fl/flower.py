@@ -26,6 +26,7 @@ resumed) restarts from the state before it, so it draws the same noise and batch
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import shlex
@@ -109,7 +110,7 @@ class Site:
     state_dir: Path
 
 
-_DATA: dict[str, Any] = {}  # decoded data per process and config: a Ray actor serves many messages
+_DATA: dict[str, Any] = {}  # the decoded data of the last config, per process: a worker serves many messages
 
 
 def compose_config(overrides: str, output_dir: str | None = None) -> DictConfig:
@@ -118,10 +119,13 @@ def compose_config(overrides: str, output_dir: str | None = None) -> DictConfig:
     from hydra.core.global_hydra import GlobalHydra
 
     from bloodfl.config import CONF_DIR
+    from bloodfl.console import bool_group_choices
 
+    argv = ["federate.py", *shlex.split(overrides)]
+    bool_group_choices(CONF_DIR, argv)  # dp=true as typed on a command line
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="federate", overrides=shlex.split(overrides))
+        cfg = compose(config_name="federate", overrides=argv[1:])
     GlobalHydra.instance().clear()
     if output_dir is not None:
         with open_dict(cfg):
@@ -166,7 +170,7 @@ def _build_client(site: Site, config: ConfigRecord) -> FLClient:
     normalize = {"mean": list(config["normalize-mean"]), "std": list(config["normalize-std"])}  # type: ignore
     if site.data_dir is not None:  # a deployed site reads its images as the federation does
         with open_dict(site.cfg):
-            if site.cfg.dataset.get("classes") is None:  # a folder may lack a class: the labels stay the same
+            if site.cfg.dataset.get("classes") is None:  # the federation's labels, in its order
                 site.cfg.dataset.classes = classes
             site.cfg.dataset.image_size = int(config["image-size"])  # type: ignore[call-overload]
             site.cfg.dataset.normalize = normalize  # never statistics of the site's own images
@@ -386,9 +390,46 @@ def run_rounds(strategy: FlowerStrategy, grid: Grid) -> None:
                    timeout=strategy.reply_timeout)
 
 
-def simulate(strategy: FlowerStrategy, spec: SiteSpec, client_cpus: float, ray_cpus: int | None) -> None:
+class InProcessWorkers:
+    """A worker pool for Flower's simulation runtime without Ray: ClientApps run one after another in this
+    process (Flower's message routing, per-node contexts and grid are unchanged). Why: Ray 2.55's gcs_server and
+    raylet listen on all network interfaces (random ports, no setting to bind them to loopback) and take
+    ~5 s to start plus one import of torch per actor; a simulation of a few clients does not need them."""
+
+    def __init__(self, backend_config: dict[str, Any]) -> None:
+        self.app_fn: Any = None
+
+    def build(self, app_fn: Any) -> None:
+        self.app_fn = app_fn
+
+    @property
+    def num_workers(self) -> int:
+        return 1
+
+    def is_worker_idle(self) -> bool:
+        return True
+
+    def terminate(self) -> None:
+        pass
+
+    def process_message(self, message: Message, context: Context) -> tuple[Message, Context]:
+        from flwr.clientapp.client_app import ClientAppException, LoadClientAppError
+
+        try:
+            return self.app_fn()(message=message, context=context), context
+        except LoadClientAppError:
+            raise
+        except Exception as ex:  # as Flower's Ray actor reports it: an error reply naming the exception
+            raise ClientAppException(str(ex)) from ex
+
+
+def simulate(strategy: FlowerStrategy, spec: SiteSpec, workers: str, client_cpus: float,
+             ray_cpus: int | None) -> None:
     """Flower's simulation runtime on this machine: the ServerApp in this process, one virtual SuperNode per
-    client, ClientApps in Ray actors of ``client_cpus`` CPUs each."""
+    client; ClientApps in Ray actors of ``client_cpus`` CPUs each (``workers="ray"``) or one after another in
+    this process (``workers="inprocess"``, :class:`InProcessWorkers`)."""
+    from unittest import mock
+
     from flwr.simulation import run_simulation
 
     server = ServerApp()
@@ -398,17 +439,20 @@ def simulate(strategy: FlowerStrategy, spec: SiteSpec, client_cpus: float, ray_c
         run_rounds(strategy, grid)
 
     # a failing ClientApp comes back as an error reply (BloodflError naming it): the actors' own output is noise
-    init_args: dict[str, Any] = {"include_dashboard": False, "logging_level": "ERROR", "log_to_driver": False,
-                                 "_node_ip_address": "127.0.0.1"}  # Ray's own servers on loopback only
+    init_args: dict[str, Any] = {"include_dashboard": False, "logging_level": "ERROR", "log_to_driver": False}
     if ray_cpus is not None:
         init_args["num_cpus"] = ray_cpus
     backend = {"client_resources": {"num_cpus": client_cpus, "num_gpus": 0.0}, "init_args": init_args}
+    # Flower 1.42's runtime always builds a RayBackend (vce_api.start_vce); the in-process pool takes its place
+    pool = mock.patch("flwr.server.superlink.fleet.vce.backend.raybackend.RayBackend", InProcessWorkers) \
+        if workers == "inprocess" else contextlib.nullcontext()
     flwr_log = logging.getLogger("flwr")
     level = flwr_log.level
     flwr_log.setLevel(logging.ERROR)  # bloodfl logs every round; Flower's per-message lines repeat them
     try:
-        run_simulation(server_app=server, client_app=make_client_app(spec),
-                       num_supernodes=strategy.sim.num_clients, backend_config=backend)  # type: ignore[arg-type]
+        with pool:
+            run_simulation(server_app=server, client_app=make_client_app(spec),
+                           num_supernodes=strategy.sim.num_clients, backend_config=backend)  # type: ignore[arg-type]
     finally:
         flwr_log.setLevel(level)
 
@@ -445,8 +489,10 @@ def run_flower(root: Root, dm: Any, out: Path, clients: list[FLClient], strategy
         return sim
     spec = SiteSpec(config=OmegaConf.to_container(root.cfg, resolve=True), out=str(out),  # type: ignore[arg-type]
                     torch_threads=torch.get_num_threads())
-    ray_cpus = opts.get("ray_cpus")
-    simulate(flower, spec, float(opts.get("client_cpus", 1)), None if ray_cpus is None else int(ray_cpus))
+    workers, ray_cpus = str(opts.get("workers", "inprocess")), opts.get("ray_cpus")
+    if workers not in ("inprocess", "ray"):
+        raise BloodflError(f"unknown fl.flower.workers {workers!r}; valid: inprocess, ray")
+    simulate(flower, spec, workers, float(opts.get("client_cpus", 1)), None if ray_cpus is None else int(ray_cpus))
     if sim.completed != settings.rounds:
         raise BloodflError(f"flower: the simulation stopped after round {sim.completed} of {settings.rounds} "
                            "(see the log above)")
