@@ -200,7 +200,8 @@ def test_deployment_superlink_and_two_supernodes_on_loopback(tmp_path: Path) -> 
     home.mkdir()
     (home / "config.toml").write_text(f'[superlink]\ndefault = "test"\n\n[superlink.test]\n'
                                       f'address = "127.0.0.1:{port}"\ninsecure = true\n')
-    env = {**os.environ, "FLWR_HOME": str(home), "PYTHONPATH": str(ROOT),
+    env = {**os.environ, "FLWR_HOME": str(home), "PYTHONPATH": str(ROOT), "FLWR_TELEMETRY_ENABLED": "0",
+           "FLWR_DISABLE_UPDATE_CHECK": "1",
            "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}  # SuperNodes start flower-superexec
     started: list[subprocess.Popen] = []
 
