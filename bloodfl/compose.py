@@ -38,7 +38,7 @@ log = logging.getLogger("bloodfl")
 # settings that may change between a killed federated run and its resumption (all others must match)
 RESUME_FREE = ("paths", "hydra", "logger", "callbacks", "task_name", "test", "optimized_metric", "fl.resume",
                "fl.rounds", "fl.keep_checkpoints", "fl.progress_bar", "trainer.default_root_dir",
-               "trainer.enable_progress_bar", "loader.num_workers")
+               "trainer.enable_progress_bar", "loader.num_workers", "fl.flower")
 
 TrainerFactory = Callable[..., pl.Trainer]
 

@@ -190,6 +190,7 @@ def _site_folder(base: Path, seed: int) -> Path:
     return base
 
 
+@pytest.mark.deployment
 def test_deployment_superlink_and_two_supernodes_on_loopback(tmp_path: Path) -> None:
     """`flower-superlink`, one `flower-supernode` per site with its own image folder and site id, `flwr run`:
     the run finishes and the coordinating site has the run's outputs. Insecure mode (no TLS) on 127.0.0.1 only;
