@@ -12,8 +12,9 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
+# .[flower]: Flower for fl.backend=flower and its tests (tests/test_fl_flower.py skips, saying so, without it)
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[dev,flower]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -39,7 +39,7 @@ log = logging.getLogger("bloodfl")
 # settings that may change between a killed federated run and its resumption (all others must match)
 RESUME_FREE = ("paths", "hydra", "logger", "callbacks", "task_name", "test", "optimized_metric", "fl.resume",
                "fl.rounds", "fl.keep_checkpoints", "fl.progress_bar", "trainer.default_root_dir",
-               "trainer.enable_progress_bar", "loader.num_workers")
+               "trainer.enable_progress_bar", "loader.num_workers", "fl.flower")
 
 TrainerFactory = Callable[..., pl.Trainer]
 
@@ -150,13 +150,15 @@ class Root:
                                batch_size=int(cfg.loader.batch_size), seed=self.seed,
                                cache_dir=cfg.paths.get("cache_dir"), num_workers=int(cfg.loader.num_workers))
 
-    def client_datamodule(self, dm: BloodDataModule, train_idx: np.ndarray, val_idx: np.ndarray) -> ArrayDataModule:
-        """A federated client's own loaders over its shard of the decoded images."""
+    def client_datamodule(self, dm: BloodDataModule, train_idx: np.ndarray, val_idx: np.ndarray,
+                          normalize: dict[str, list[float]] | None = None) -> ArrayDataModule:
+        """A federated client's own loaders over its shard of the decoded images; ``normalize``: the federation's
+        constants where they are not ``dm``'s (a deployed site normalises as the server does)."""
         cfg = self.cfg
         return ArrayDataModule(dm.images, dm.labels, train_idx=train_idx, val_idx=val_idx,
                                batch_size=int(cfg.loader.batch_size), augment=self.augmentation(),
-                               normalize=dm.normalization, seed=self.seed, num_workers=int(cfg.loader.num_workers),
-                               classes=dm.classes)
+                               normalize=normalize or dm.normalization, seed=self.seed,
+                               num_workers=int(cfg.loader.num_workers), classes=dm.classes)
 
     def held_out_datamodule(self, dm: BloodDataModule) -> ArrayDataModule:
         """The central validation and test images, for the federated server's evaluation of the global model."""
@@ -326,6 +328,26 @@ class Root:
     @property
     def fl(self) -> DictConfig:
         return self.cfg.fl
+
+    @property
+    def fl_backend(self) -> str:
+        """``fl.backend``: ``inprocess`` (bloodfl.fl.loop) or ``flower`` (bloodfl.fl.flower)."""
+        backend = str(self.fl.get("backend", "inprocess"))
+        if backend not in ("inprocess", "flower"):
+            raise BloodflError(f"unknown fl.backend {backend!r}; valid: inprocess, flower")
+        if backend == "flower":
+            try:
+                import flwr  # noqa: F401
+            except ImportError:
+                raise BloodflError("fl.backend=flower needs Flower: pip install -e '.[flower]'") from None
+        return backend
+
+    def flower_settings(self) -> dict[str, Any]:
+        """``fl.flower``: the simulation runtime's resources and the server's waiting times."""
+        node = self.fl.get("flower") or {}
+        out = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+        assert isinstance(out, dict)
+        return out
 
     def round_settings(self) -> Any:
         from bloodfl.fl.loop import RoundSettings

@@ -57,6 +57,11 @@ class RoundSettings:
             raise BloodflError("fl.keep_checkpoints must be null (keep all) or >= 1")
 
 
+def round_config(strategy: Strategy, settings: RoundSettings, server_round: int) -> dict[str, Any]:
+    """What every client sampled in ``server_round`` gets besides the weights (the same for every backend)."""
+    return {**strategy.configure_fit(server_round), "local_epochs": settings.local_epochs, "seed": settings.seed}
+
+
 def sample_clients(seed: int, server_round: int, num_clients: int, fraction: float) -> list[int]:
     """The clients that train in ``server_round``: a seeded draw that depends only on its arguments."""
     m = max(1, int(fraction * num_clients + 0.5))
@@ -85,10 +90,10 @@ def checkpoint_path(out_dir: Path, server_round: int) -> Path:
     return out_dir / CHECKPOINT_DIR / f"round_{server_round:03d}.pt"
 
 
-def list_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
-    """(round, path) of every round checkpoint, oldest first."""
+def list_checkpoints(out_dir: Path, subdir: str = CHECKPOINT_DIR) -> list[tuple[int, Path]]:
+    """(round, path) of every round checkpoint in ``out_dir/subdir``, oldest first."""
     found = []
-    for p in (out_dir / CHECKPOINT_DIR).glob("round_*.pt"):
+    for p in (out_dir / subdir).glob("round_*.pt"):
         m = _CKPT_RE.search(p.name)
         if m:
             found.append((int(m.group(1)), p))
@@ -140,12 +145,18 @@ class Simulation:
     loggers: Lightning loggers that get each round's global metrics (step = round).
     eval_split: where the global model is evaluated after every round: "test" (papers/000 Fig. 13) or "val"
         (while tuning, so no decision looks at the test set).
+    private: whether the clients train with DP (rounds.csv's columns); default: whether any client has an
+        accountant. A network backend (bloodfl.fl.flower) passes it, since its clients live elsewhere.
+
+    A network backend keeps the bookkeeping (evaluation, rounds.csv, checkpoints, plot, loggers) and replaces
+    only the client fits: it calls :meth:`record_round` with the results it received.
     """
 
     def __init__(self, clients: Sequence[FLClient], strategy: Strategy, evaluator: GlobalEvaluator,
                  settings: RoundSettings, out_dir: str | Path, initial_weights: Weights,
                  meta: dict[str, Any] | None = None, loggers: Sequence[Any] = (),
-                 on_round_end: Callable[[dict[str, Any]], None] | None = None, eval_split: str = "test") -> None:
+                 on_round_end: Callable[[dict[str, Any]], None] | None = None, eval_split: str = "test",
+                 private: bool | None = None) -> None:
         self.clients = list(clients)
         self.strategy = strategy
         self.evaluator = evaluator
@@ -158,6 +169,7 @@ class Simulation:
         self.eval_split = eval_split
         self.history: list[dict[str, Any]] = []
         self.completed = 0
+        self._private = private
 
     def restore(self, state: dict[str, Any]) -> None:
         """Continue from a round checkpoint (see ``load_checkpoint``)."""
@@ -185,12 +197,20 @@ class Simulation:
         s = self.settings
         t0 = time.perf_counter()
         sampled = sample_clients(s.seed, r, len(self.clients), s.fraction_fit)
-        config = {**self.strategy.configure_fit(r), "local_epochs": s.local_epochs, "seed": s.seed}
+        config = round_config(self.strategy, s, r)
         # ---- client side: each sampled client trains on its own data and returns only a FitResult ----
         results: list[FitResult] = [self.clients[c].fit(self.weights, r, config) for c in sampled]
         # ---- server side: weights and counts in, new global weights out ----
         t_fit = time.perf_counter()
         self.weights = self.strategy.aggregate_fit(r, self.weights, results)
+        return self.record_round(r, sampled, results, t0, t_fit)
+
+    def record_round(self, r: int, sampled: Sequence[int], results: Sequence[FitResult], t0: float,
+                     t_fit: float) -> dict[str, Any]:
+        """After round ``r``'s aggregation (``self.weights`` is the new global model): evaluate it, add the row
+        to the history, checkpoint, rewrite rounds.csv and the plot, log. ``t0``/``t_fit``: perf_counter at the
+        round's start and when the last client result arrived."""
+        s = self.settings
         t_agg = time.perf_counter()
         split = self.eval_split
         metrics = self.evaluator.evaluate(self.weights, split)
@@ -219,11 +239,17 @@ class Simulation:
         return row
 
     @property
+    def num_clients(self) -> int:
+        return len(self.clients)
+
+    @property
     def private(self) -> bool:
+        if self._private is not None:
+            return self._private
         return any(c.privacy is not None for c in self.clients)
 
     def _write_csv(self) -> None:
-        write_rounds_csv(self.out_dir / "rounds.csv", self.history, len(self.clients), self.private,
+        write_rounds_csv(self.out_dir / "rounds.csv", self.history, self.num_clients, self.private,
                          self.eval_split)
 
     def _checkpoint(self, r: int) -> None:

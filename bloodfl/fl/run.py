@@ -16,9 +16,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from omegaconf import DictConfig
 
-from bloodfl.compose import Root
+from bloodfl.compose import Root, TrainerFactory
 from bloodfl.data.datamodule import BloodDataModule
 from bloodfl.errors import BloodflError
 from bloodfl.fl.client import FLClient
@@ -41,20 +43,46 @@ def _check_same_config(saved: dict[str, str], now: dict[str, str]) -> None:
                            "resume with the same command line plus fl.resume=true")
 
 
+def build_client(root: Root, dm: BloodDataModule, shard: np.ndarray, cid: int, net: torch.nn.Module,
+                 make_trainer: TrainerFactory, out: Path, normalize: dict[str, list[float]] | None = None) -> FLClient:
+    """Client ``cid`` over its ``shard`` of ``dm``: its own data (train + local validation share), a copy of ``net``,
+    its accountant under DP and its local log; every backend builds its clients here. ``normalize``: the
+    federation's normalisation constants where they differ from ``dm``'s (a deployed site's own folder)."""
+    epochs = int(root.fl.rounds) * int(root.fl.local_epochs)
+    private = root.dp_settings() is not None
+    train, val = root.client_split(dm, shard, cid)
+    data = root.client_datamodule(dm, train, val, normalize)
+    privacy = root.client_privacy(f"client{cid}", len(train), len(data.train_dataloader()), epochs)
+    if privacy is not None:
+        data.use_poisson_sampling(privacy.sample_rate, privacy.steps_per_epoch, privacy.sampling_generator())
+    module = root.module(copy.deepcopy(net), dm.num_classes, data.class_counts("train"), privacy)
+    return FLClient(cid, module, data, make_trainer, release_count=root.release_counts(),
+                    local_log=out / "clients" / f"client{cid}.csv" if private else None)
+
+
 class FederatedTask:
     """Simulated clients, a server strategy and the round loop that connects them (``bloodfl.fl.loop``).
 
     client_hook(client): called once per client after it is built (e.g. to instrument a client in a test). It
     cannot switch privacy off: with dp=true a client without its accountant stops the run.
+    ``fl.backend=flower`` runs the same clients and strategy on Flower (``bloodfl.fl.flower``): in Flower's
+    simulation runtime, or, given a Flower ``grid``, as a deployment's ServerApp whose clients are the sites.
     """
 
-    def __init__(self, client_hook: ClientHook | None = None) -> None:
+    def __init__(self, client_hook: ClientHook | None = None, grid: Any = None) -> None:
         self.client_hook = client_hook
+        self.grid = grid  # a Flower Grid: this process is a deployment's ServerApp (bloodfl.fl.flower_app)
         self.state: dict[str, Any] | None = None
 
     def prepare(self, root: Root, out: Path) -> None:
         """The newest round checkpoint to resume from (fl.resume=true), or a refusal to overwrite one."""
         root.check_federated()
+        if root.fl_backend == "flower" and self.client_hook is not None:
+            raise BloodflError("client hooks instrument in-process clients; with fl.backend=flower the clients run "
+                               "in Flower's ClientApps (use fl.backend=inprocess)")
+        if root.fl_backend == "flower" and root.fl.resume:
+            raise BloodflError("fl.resume=true is not supported with fl.backend=flower yet (a SuperNode restart "
+                               "resumes its client; a restarted server does not); use fl.backend=inprocess")
         ckpts = list_checkpoints(out)
         resume = bool(root.fl.resume)
         if not resume:
@@ -88,18 +116,8 @@ class FederatedTask:
 
         net = root.network(dm.num_classes)
         make_trainer = root.trainer_factory()
-        epochs = int(root.fl.rounds) * int(root.fl.local_epochs)
+        clients = [build_client(root, dm, shard, cid, net, make_trainer, out) for cid, shard in enumerate(shards)]
         private = root.dp_settings() is not None
-        clients = []
-        for cid, shard in enumerate(shards):
-            train, val = root.client_split(dm, shard, cid)
-            data = root.client_datamodule(dm, train, val)
-            privacy = root.client_privacy(f"client{cid}", len(train), len(data.train_dataloader()), epochs)
-            if privacy is not None:
-                data.use_poisson_sampling(privacy.sample_rate, privacy.steps_per_epoch, privacy.sampling_generator())
-            module = root.module(copy.deepcopy(net), dm.num_classes, data.class_counts("train"), privacy)
-            clients.append(FLClient(cid, module, data, make_trainer, release_count=root.release_counts(),
-                                    local_log=out / "clients" / f"client{cid}.csv" if private else None))
         for client in clients:
             if self.client_hook is not None:
                 self.client_hook(client)
@@ -111,19 +129,31 @@ class FederatedTask:
     def run(self, ctx: RunContext) -> Outcome:
         root, dm, out = ctx.root, ctx.dm, ctx.out
         settings = root.round_settings()
-        clients, global_module = self.build_clients(root, dm, out)
+        if self.grid is None:
+            clients, global_module = self.build_clients(root, dm, out)
+        else:  # a deployment's server: the clients are the sites, their data and state stay there
+            clients = []
+            global_module = root.module(root.network(dm.num_classes), dm.num_classes, dm.class_counts("train"))
         evaluator = GlobalEvaluator(global_module, root.held_out_datamodule(dm), root.trainer_factory())
         initial = weights_of(global_module.net)
         strategy = root.strategy()
         strategy.initialize(initial, param_names=[n for n, p in global_module.net.named_parameters()
                                                   if p.requires_grad])
         eval_split = "test" if root.evaluate_test else "val"
-        sim = Simulation(clients, strategy, evaluator, settings, out, initial, meta={"fingerprint": root.fingerprint()},
-                         loggers=ctx.loggers, eval_split=eval_split)
-        if self.state is not None:
-            sim.restore(self.state)
-        sim.replay_to_loggers()
-        final = sim.run()
+        meta = {"fingerprint": root.fingerprint()}
+        if root.fl_backend == "flower":
+            from bloodfl.fl.flower import run_flower
+
+            sim = run_flower(root, dm, out, clients, strategy, evaluator, initial, meta, ctx.loggers, eval_split,
+                             self.grid)
+        else:
+            sim = Simulation(clients, strategy, evaluator, settings, out, initial, meta=meta, loggers=ctx.loggers,
+                             eval_split=eval_split)
+            if self.state is not None:
+                sim.restore(self.state)
+            sim.replay_to_loggers()
+            sim.run()
+        final = sim.weights
 
         metrics: dict[str, Any] = {}
         if evaluator.has("val"):  # for sweeps: an optimised metric that is not a test value
@@ -136,7 +166,7 @@ class FederatedTask:
                 evaluator.evaluate(final, "test")
             probs, targets = module.test_probs, module.test_targets
         metrics.update({"rounds": settings.rounds, "local_epochs": settings.local_epochs,
-                        "num_clients": len(clients), "strategy": strategy.name,
+                        "num_clients": sim.num_clients, "strategy": strategy.name, "backend": root.fl_backend,
                         "final_checkpoint": str(checkpoint_path(out, settings.rounds)),
                         "model/params": sum(p.numel() for p in global_module.net.parameters()),
                         # rounds of an interrupted run count with the time they took then
