@@ -12,6 +12,10 @@ exactly the centralized training images (with the default 0.1 each client valida
 
     python bench/bench_federated.py --data-dir ../shared/data                 # the figures in docs/federated.md
     python bench/bench_federated.py --repeats 1 --rounds 2 --image-size 32      # a quick look
+    python bench/bench_federated.py --against flower --repeats 1              # in-process vs Flower simulation
+
+``--against flower`` compares the same federated run on the two backends (``fl.backend=inprocess`` vs
+``fl.backend=flower``, Flower's simulation runtime) instead of federated vs centralized.
 
 Other processes on the machine distort both numbers; the load average before each run is recorded.
 """
@@ -70,6 +74,8 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=5)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--fed-args", nargs="*", default=["fl.val_fraction=0"])
+    p.add_argument("--against", choices=["central", "flower"], default="central",
+                   help="what the in-process federated run is compared with")
     p.add_argument("--workdir", type=Path, default=None, help="outputs and cache (default: a temporary dir)")
     p.add_argument("extra", nargs="*", help="overrides for both runs (after --)")
     a = p.parse_args()
@@ -85,25 +91,29 @@ def main() -> None:
     # warm the decoded-image cache so neither run pays for decoding
     run("train.py", [*common, "trainer.fast_dev_run=true"], env, work / "warmup")
 
+    runs = {"central": ("train.py", central_args), "federated": ("federate.py", fed_args),
+             "flower": ("federate.py", [*fed_args, "fl.backend=flower"])}
+    kinds = ["federated", a.against]
     results: list[dict[str, Any]] = []
     for rep in range(a.repeats):
-        order = ["central", "federated"] if rep % 2 == 0 else ["federated", "central"]
         pair: dict[str, Any] = {}
-        for kind in order:
+        for kind in kinds if rep % 2 == 0 else kinds[::-1]:
             out = work / f"{kind}_{rep}"
-            if kind == "central":
-                pair[kind] = run("train.py", central_args, env, out)
-            else:
-                pair[kind] = {**run("federate.py", fed_args, env, out), **round_split(out)}
+            script, args = runs[kind]
+            pair[kind] = run(script, args, env, out)
+            if script == "federate.py":
+                pair[kind].update(round_split(out))
             r = pair[kind]
             print(f"repeat {rep} {kind}: wall {r['wall']:.1f} s, cpu {r['cpu']:.1f} s, test/acc {r['test/acc']:.4f} "
                   f"(load average before: {r['load_before']:.1f})", flush=True)
-        pair["ratio_wall"] = pair["federated"]["wall"] / pair["central"]["wall"]
-        pair["ratio_cpu"] = pair["federated"]["cpu"] / pair["central"]["cpu"]
+        # federated / central, or flower / in-process
+        num, den = ("federated", "central") if a.against == "central" else ("flower", "federated")
+        pair["ratio_wall"] = pair[num]["wall"] / pair[den]["wall"]
+        pair["ratio_cpu"] = pair[num]["cpu"] / pair[den]["cpu"]
         results.append(pair)
 
     summary = {
-        "command": " ".join(sys.argv),
+        "command": " ".join(sys.argv), "ratio": f"{num} / {den}",
         "central_args": central_args, "federated_args": fed_args,
         "median_ratio_wall": statistics.median(r["ratio_wall"] for r in results),
         "median_ratio_cpu": statistics.median(r["ratio_cpu"] for r in results),
@@ -112,10 +122,13 @@ def main() -> None:
     (work / "bench_federated.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps({k: v for k, v in summary.items() if k != "repeats"}, indent=2))
     for r in results:
-        f = r["federated"]
-        print(f"federated rounds: {f['rounds_s']:.1f} s = local fits {f['fit_s']:.1f} + global test "
-              f"{f['eval_s']:.1f} + aggregation {f['aggregate_s']:.1f} (checkpoints and plots not included)")
-    print(f"median wall ratio federated/central = {summary['median_ratio_wall']:.3f} (target <= 1.15); "
+        for kind in ("federated", "flower"):
+            if kind in r:
+                f = r[kind]
+                print(f"{kind} rounds: {f['rounds_s']:.1f} s = local fits {f['fit_s']:.1f} + global test "
+                      f"{f['eval_s']:.1f} + aggregation {f['aggregate_s']:.1f} (checkpoints not included)")
+    target = " (target <= 1.15)" if a.against == "central" else ""
+    print(f"median wall ratio {num}/{den} = {summary['median_ratio_wall']:.3f}{target}; "
           f"details in {work / 'bench_federated.json'}")
 
 
