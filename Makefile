@@ -24,7 +24,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist worksteal   # one worker per core (tests/conftest.py: one thread each)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

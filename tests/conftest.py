@@ -19,6 +19,16 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # `make test` runs two workers on two cores: one intra-op thread each, also in the commands they start,
+        # or OpenMP threads of the two compete for the cores and small models slow down many times
+        os.environ["OMP_NUM_THREADS"] = "1"
+        import torch
+
+        torch.set_num_threads(1)
+
+
 def shared_data_dir() -> Path | None:
     """../shared/data beside the repository, or $BLOODFL_DATA; None when neither holds the data sets."""
     env = os.environ.get("BLOODFL_DATA")

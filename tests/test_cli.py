@@ -29,11 +29,12 @@ def test_only_boolean_group_choices_are_rewritten() -> None:
 
 
 def test_sweep_functions_work_on_groups(tmp_path: Path) -> None:
-    res = run_cli("train.py", ["-m", "model=glob(resnet1*)", *QUICK], tmp_path)
+    # small models: glob over the group's options is what is tested (resnet1* took ~60 s of the suite)
+    res = run_cli("train.py", ["-m", "model=glob(paper00*)", *QUICK], tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     models = [OmegaConf.load(p)[0] for p in _jobs(tmp_path)]
-    assert sorted(models) == ["model=resnet101", "model=resnet152", "model=resnet18"]
-    assert len(list((tmp_path / "logs" / "train" / "multiruns").glob("*/*/metrics.json"))) == 3
+    assert sorted(models) == ["model=paper002_cnn", "model=paper003_cnn"]
+    assert len(list((tmp_path / "logs" / "train" / "multiruns").glob("*/*/metrics.json"))) == 2
 
 
 def test_choice_null_experiment_and_a_dp_sweep_as_typed(tmp_path: Path) -> None:
