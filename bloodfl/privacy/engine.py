@@ -402,8 +402,8 @@ class PrivateTraining:
         optimizer_step: what steps the DPOptimizer (default: its ``step``); Lightning passes its wrapper of the
         same optimizer, so the step is counted (``global_step``: checkpoints, schedulers, logging intervals).
 
-        x may be (B, K, C, H, W): K augmented views of each image (``dp.augmult``), whose per-sample gradients are
-        averaged before clipping. With ``dp.physical_batch_size`` the (logical) batch goes through forward and
+        With ``dp.augmult`` K > 1, x is (B, K, C, H, W): K augmented views of each image, whose gradients are
+        averaged per image before clipping. With ``dp.physical_batch_size`` the (logical) batch goes through forward and
         backward in chunks of that many images (virtual steps): Opacus' DPOptimizer clips and sums each chunk
         (``signal_skip_step``: no noise, no parameter update, no accountant step), and the last chunk's step adds
         the noise once, divides by the expected logical batch and is the one accounted step."""
@@ -431,7 +431,7 @@ class PrivateTraining:
     def _clipped_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Backward passes that leave this batch's per-sample gradients for the DPOptimizer to clip (hooks) or
         their clipped sum (ghost); returns the logits (averaged over the views with augmentation multiplicity)."""
-        if x.ndim == 5:
+        if self.privacy.settings.augmult > 1:
             return self._augmult_backward(x, y)
         if self.mode == "ghost":
             return self._ghost_backward(x, y).detach()
@@ -448,9 +448,12 @@ class PrivateTraining:
         formed BEFORE clipping, so an image still contributes at most max_grad_norm. Opacus' hooks give one
         per-sample gradient per view (B * K rows); they are averaged per image here, where the DPOptimizer reads
         them (``p.grad_sample``) — hand-written, since Opacus has no option for it."""
-        if self.mode != "hooks":
-            raise BloodflError("dp.augmult needs dp.grad_sample_mode=hooks (or auto)")
         b, k = x.shape[:2]
+        if self.mode != "hooks" or k != self.privacy.settings.augmult:
+            raise BloodflError(f"dp.augmult={self.privacy.settings.augmult} needs per-sample hooks "
+                               "(dp.grad_sample_mode=hooks or auto) and batches of (images, views, ...) from a data "
+                               f"module built with augmult (Root.datamodule); got mode {self.mode}, "
+                               f"shape {tuple(x.shape)}")
         logits = self.model(x.flatten(0, 1))
         self.per_sample_loss(logits, y.repeat_interleave(k)).mean().backward()
         for p in self._trainable:
