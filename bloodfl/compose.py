@@ -263,15 +263,15 @@ class Root:
         return [*_instantiate_each(self.cfg.get("callbacks")), *finetune, *self._ema()]
 
     def _ema(self) -> list[pl.Callback]:
-        """``dp.ema``: Lightning's EMAWeightAveraging, so the averaged weights are the ones validated, checkpointed
-        (hence selected and tested) and left in the model at the end. Post-processing of the DP-SGD iterates
-        (the accountant already covers releasing every one of them): free in privacy."""
+        """``dp.ema``: Lightning's EMAWeightAveraging (bloodfl/training/averaging.py), so the averaged weights are
+        the ones validated, checkpointed (hence selected), tested and left in the model at the end.
+        Post-processing of the DP-SGD iterates (the accountant already covers releasing every one): free."""
         plan = self.dp_settings()
         if plan is None or plan.ema is None:
             return []
-        from pytorch_lightning.callbacks import EMAWeightAveraging
+        from bloodfl.training.averaging import EvaluatedEMA
 
-        return [EMAWeightAveraging(decay=float(plan.ema))]
+        return [EvaluatedEMA(decay=float(plan.ema))]
 
     def loggers(self) -> list[Any]:
         return _instantiate_each(self.cfg.get("logger"))

@@ -13,13 +13,14 @@ tests/test_privacy_federated.py.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
 from opacus.accountants import RDPAccountant
-from pytorch_lightning.callbacks import EMAWeightAveraging
+from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import TensorDataset, default_collate
 
@@ -28,6 +29,7 @@ from bloodfl.data.datamodule import ArrayDataModule
 from bloodfl.errors import BloodflError
 from bloodfl.privacy.engine import ClientPrivacy, DPSettings
 from bloodfl.privacy.sampling import PoissonLoader
+from bloodfl.training.averaging import EvaluatedEMA
 from bloodfl.training.module import ClassifierModule
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -170,12 +172,12 @@ def test_virtual_steps_account_exactly_the_sample_rate_and_steps_taken() -> None
         settings.steps_per_epoch(10, loader_steps=1)
 
 
-def _fit_lightning(ema: float | None) -> tuple[ClientPrivacy, nn.Module, EMAWeightAveraging | None]:
-    """A centralized DP fit through Lightning (the path train.py takes), with or without the EMA callback."""
+def _fit_lightning(ema: float | None, out: Path) -> tuple[ClientPrivacy, ClassifierModule, pl.Trainer]:
+    """A centralized DP fit through Lightning (the path train.py takes), with or without dp.ema's callback."""
     rng = np.random.default_rng(0)
     images, labels = rng.integers(0, 255, (24, 4, 4, 3), dtype=np.uint8), rng.integers(0, 3, 24)
-    dm = ArrayDataModule(images, labels, train_idx=np.arange(16), val_idx=np.arange(16, 24), batch_size=4,
-                         normalize="minmax", classes=["a", "b", "c"])
+    dm = ArrayDataModule(images, labels, train_idx=np.arange(16), val_idx=np.arange(16, 24),
+                         test_idx=np.arange(16, 24), batch_size=4, normalize="minmax", classes=["a", "b", "c"])
     privacy = ClientPrivacy(DPSettings(noise_multiplier=1.0, ema=ema), num_samples=16, steps_per_epoch=4,
                             total_steps=8, grad_sample_mode="hooks")
     privacy.secret.load_state_dict({"secret": "5c" * 16})
@@ -183,21 +185,29 @@ def _fit_lightning(ema: float | None) -> tuple[ClientPrivacy, nn.Module, EMAWeig
     torch.manual_seed(0)
     net = nn.Sequential(nn.Flatten(), nn.Linear(48, 3))
     module = ClassifierModule(net, num_classes=3, optimizer=lambda p: torch.optim.SGD(p, lr=0.5), privacy=privacy)
-    callback = EMAWeightAveraging(decay=ema) if ema is not None else None
-    trainer = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=[callback] if callback else [], accelerator="cpu")
+    callbacks: list[pl.Callback] = [ModelCheckpoint(dirpath=out, monitor="val/loss", save_last=False)]
+    if ema is not None:
+        callbacks.append(EvaluatedEMA(decay=ema))
+    trainer = pl.Trainer(max_epochs=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=callbacks, accelerator="cpu")
     trainer.fit(module, datamodule=dm)
     assert trainer.global_step == privacy.steps  # the EMA updates once per DP step
-    return privacy, net, callback
+    return privacy, module, trainer
 
 
-def test_ema_changes_nothing_in_the_accountant_and_is_what_is_left_in_the_model() -> None:
-    plain, plain_net, _ = _fit_lightning(None)
-    averaged, ema_net, callback = _fit_lightning(0.5)
+def test_ema_changes_nothing_in_the_accountant_and_is_what_is_evaluated(tmp_path: Path) -> None:
+    plain, plain_module, _ = _fit_lightning(None, tmp_path / "plain")
+    averaged, module, trainer = _fit_lightning(0.5, tmp_path / "ema")
     assert averaged.accountant.state_dict() == plain.accountant.state_dict()  # same σ, q, steps: same ε
     assert averaged.epsilon() == plain.epsilon() and averaged.report()["dp.ema"] == 0.5
-    assert callback is not None and callback._average_model is not None
-    ema_weights = dict(callback._average_model.module.net.named_parameters())
-    for name, p in ema_net.named_parameters():  # the averaged weights are the ones validated and left in place
-        torch.testing.assert_close(p, ema_weights[name])
-    assert not all(torch.equal(a, b) for a, b in zip(ema_net.parameters(), plain_net.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(module.net.parameters(), plain_module.net.parameters()))
+    # the best checkpoint holds the averaged weights, and testing it tests them (not the raw ones kept beside;
+    # Lightning's own EMAWeightAveraging put those back: bloodfl/training/averaging.py)
+    best = trainer.checkpoint_callback.best_model_path  # type: ignore[union-attr]
+    ckpt = torch.load(best, map_location="cpu", weights_only=False)
+    averaged_w, raw_w = ckpt["state_dict"]["net.1.weight"], ckpt["current_model_state"]["net.1.weight"]
+    assert not torch.equal(averaged_w, raw_w)
+    seen: list[torch.Tensor] = []
+    module.net.register_forward_pre_hook(lambda m, i: seen.append(m[1].weight.detach().clone()))
+    trainer.test(module, datamodule=trainer.datamodule, ckpt_path=best, verbose=False)
+    assert seen and all(torch.equal(w, averaged_w) for w in seen)
