@@ -27,7 +27,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 PUBLIC_SEED, N, BATCH, EPOCHS = 1234, 8, 4, 10  # 2 Poisson batches per epoch, 20 steps per fit
 SETTINGS = DPSettings(noise_multiplier=0.8, max_grad_norm=1.0)
 # DP-SGD recipes (tests/test_privacy_recipes.py) under the same attack: virtual steps of one image, 3 views
-RECIPES = {"plain": {}, "virtual_steps": {"physical_batch_size": 1}, "augmult": {"augmult": 3}}
+RECIPES = {"plain": {}, "virtual_steps": {"physical_batch_size": 1}, "augmult": {"augmult": 3},
+           "automatic_clipping": {"clipping": "automatic"}}
 
 
 def _records() -> tuple[torch.Tensor, torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
@@ -90,7 +91,8 @@ def _replay(weights: dict[str, torch.Tensor], observed: dict[str, torch.Tensor],
 
 
 @pytest.mark.parametrize(("mode", "recipe"), [("hooks", "plain"), ("ghost", "plain"), ("hooks", "virtual_steps"),
-                                             ("ghost", "virtual_steps"), ("hooks", "augmult")])
+                                             ("ghost", "virtual_steps"), ("hooks", "augmult"),
+                                             ("hooks", "automatic_clipping"), ("ghost", "automatic_clipping")])
 def test_replay_attack_fails_without_the_secret_and_succeeds_with_it(mode: str, recipe: str) -> None:
     weights = _initial_weights()
     _, _, candidates = _records()

@@ -96,8 +96,10 @@ def test_federate_all_pbs_dp_true_command(tmp_path: Path) -> None:
     assert all(float(rows[0][f"client{c}/epsilon"]) < float(rows[1][f"client{c}/epsilon"]) for c in range(3))
 
 
-# every DP-SGD recipe at once: a logical batch of 25 (k = 100 // 25) in chunks of 7, 2 views per image, an EMA
-RECIPE_SETTINGS = {"expected_batch_size": 25, "physical_batch_size": 7, "augmult": 2, "ema": 0.9}
+# every DP-SGD recipe at once: a logical batch of 25 (k = 100 // 25) in chunks of 7, 2 views per image, an EMA,
+# automatic clipping
+RECIPE_SETTINGS = {"expected_batch_size": 25, "physical_batch_size": 7, "augmult": 2, "ema": 0.9,
+                   "clipping": "automatic"}
 RECIPES = [*(f"dp.{k}={v}" for k, v in RECIPE_SETTINGS.items()), "augment=flips"]
 
 

@@ -4,7 +4,8 @@
   so one image moves the clipped sum by at most max_grad_norm (measured, as for the other modes);
 - virtual steps (``dp.expected_batch_size``, ``dp.physical_batch_size``): chunks give the update one physical
   batch gives under the same noise, and exactly the sample rate and the steps taken are accounted;
-- EMA of the weights (``dp.ema``): post-processing, the accountant sees exactly what it sees without it.
+- EMA of the weights (``dp.ema``): post-processing, the accountant sees exactly what it sees without it;
+- automatic clipping (``dp.clipping=automatic``): every per-sample gradient scaled below C.
 
 The replay attack against every recipe is in tests/test_privacy_boundary.py, ε recomputed from privacy.json in
 tests/test_privacy_federated.py.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -27,7 +29,7 @@ from torch.utils.data import TensorDataset, default_collate
 from bloodfl.data.augment import Flips
 from bloodfl.data.datamodule import ArrayDataModule
 from bloodfl.errors import BloodflError
-from bloodfl.privacy.engine import ClientPrivacy, DPSettings
+from bloodfl.privacy.engine import AUTOMATIC_CLIP_GAMMA, ClientPrivacy, DPSettings
 from bloodfl.privacy.sampling import PoissonLoader
 from bloodfl.training.averaging import EvaluatedEMA
 from bloodfl.training.module import ClassifierModule
@@ -43,7 +45,7 @@ def _model() -> nn.Module:
 
 
 def _clipped_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, clip: float, mode: str = "hooks",
-                 **recipe: int) -> torch.Tensor:
+                 **recipe: Any) -> torch.Tensor:
     """The sum of clipped per-image gradients that reaches the optimizer (noise 0) for one batch."""
     model = copy.deepcopy(model)
     privacy = ClientPrivacy(DPSettings(noise_multiplier=0.0, max_grad_norm=clip, **recipe), num_samples=100,
@@ -211,3 +213,20 @@ def test_ema_changes_nothing_in_the_accountant_and_is_what_is_evaluated(tmp_path
     module.net.register_forward_pre_hook(lambda m, i: seen.append(m[1].weight.detach().clone()))
     trainer.test(module, datamodule=trainer.datamodule, ckpt_path=best, verbose=False)
     assert seen and all(torch.equal(w, averaged_w) for w in seen)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_automatic_clipping_scales_each_gradient_below_the_clip(mode: str) -> None:
+    model, g = _model(), torch.Generator().manual_seed(6)
+    x, y = torch.randn(1, 5, generator=g) * 3, torch.tensor([2])
+    own = _view_grad(model, x, y)  # one view: the image's own gradient
+    clip = 0.5
+    reached = _clipped_sum(model, x, y, clip, mode=mode, clipping="automatic")
+    torch.testing.assert_close(reached, own * clip / (own.norm() + AUTOMATIC_CLIP_GAMMA), rtol=1e-4, atol=1e-6)
+    # neighbouring batches (an outlier added to 7 images, also with physical chunks) differ by less than C
+    x7, y7 = torch.randn(7, 5, generator=g), torch.tensor([0, 1, 0, 1, 0, 1, 0])
+    for physical in (None, 3):
+        without = _clipped_sum(model, x7, y7, clip, mode=mode, clipping="automatic", physical_batch_size=physical)
+        with_one = _clipped_sum(model, torch.cat([x7, x * 10]), torch.cat([y7, y]), clip, mode=mode,
+                                clipping="automatic", physical_batch_size=physical)
+        assert (with_one - without).norm() <= clip * (1 + 1e-5)

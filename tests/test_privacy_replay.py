@@ -35,9 +35,10 @@ def _known_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("bloodfl.privacy.engine.new_secret", lambda: next(counter))
 
 
-# every DP-SGD recipe at once (tests/test_privacy_recipes.py): virtual steps, 2 views per image, EMA weights released
+# every DP-SGD recipe at once (tests/test_privacy_recipes.py): virtual steps, 2 views per image, EMA weights released,
+# automatic clipping; smaller images and one epoch, since the case runs the training four times
 RECIPES = ["dp.expected_batch_size=16", "dp.physical_batch_size=5", "dp.augmult=2", "augment=flips", "dp.ema=0.9",
-           "dataset.image_size=16", "trainer.max_epochs=1"]  # smaller: each case runs the training four times
+           "dp.clipping=automatic", "dataset.image_size=16", "trainer.max_epochs=1"]
 
 
 @pytest.mark.parametrize("recipes", [[], RECIPES], ids=["plain", "recipes"])

@@ -47,6 +47,8 @@ from bloodfl.privacy.compat import check_private, make_dp_compatible
 from bloodfl.privacy.norms import ghost_norm_samplers, hooks_grad_samplers
 
 MODES = ("auto", "ghost", "hooks")
+CLIPPINGS = ("flat", "automatic")
+AUTOMATIC_CLIP_GAMMA = 0.01  # Bu et al. 2023's stability constant: factor C / (||g|| + gamma)
 
 # Opacus' hooks see module outputs only (images do not require grad); PyTorch says so on every step
 warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect "
@@ -69,6 +71,7 @@ class DPSettings:
     physical_batch_size: int | None = None  # images per forward/backward chunk of a logical batch; None: all
     augmult: int = 0  # augmentation multiplicity K (De et al. 2022): 0 or 1 off
     ema: float | None = None  # decay of an EMA of the weights (post-processing); None off
+    clipping: str = "flat"  # flat: min(1, C / ||g||); automatic: C / (||g|| + 0.01) (Bu et al. 2023)
 
     def __post_init__(self) -> None:
         if (self.noise_multiplier is None) == (self.target_epsilon is None):
@@ -94,6 +97,8 @@ class DPSettings:
         if self.augmult > 1 and self.grad_sample_mode == "ghost":
             raise BloodflError("dp.augmult needs per-sample gradients of every view (averaged before clipping), "
                                "which ghost clipping never forms; use dp.grad_sample_mode=auto or hooks")
+        if self.clipping not in CLIPPINGS:
+            raise BloodflError(f"dp.clipping must be one of {', '.join(CLIPPINGS)}, got {self.clipping!r}")
         if self.ema is not None and not 0 < self.ema < 1:
             raise BloodflError(f"dp.ema is the EMA decay, in (0, 1) (e.g. 0.999) or null (off); got {self.ema!r}")
         if self.secure_mode:
@@ -124,6 +129,13 @@ class DPSettings:
         if unknown:
             raise BloodflError(f"unknown dp setting(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
         return cls(**{k: cfg[k] for k in known if k in cfg})
+
+
+def automatic_clip_factors(norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
+    """Automatic (normalised) clipping, Bu et al. 2023: every per-sample gradient scaled by C / (||g|| + gamma),
+    so its norm is C·||g|| / (||g|| + gamma) < C — the same sensitivity as flat clipping, with no threshold to
+    tune (C only scales the update, as a learning rate does)."""
+    return max_grad_norm / (norms + AUTOMATIC_CLIP_GAMMA)
 
 
 def check_secure_mode() -> None:
@@ -441,6 +453,7 @@ class PrivateTraining:
         # ties every sample's gradient to the rest of the batch (sensitivity above max_grad_norm).
         logits = self.model(x)
         self.per_sample_loss(logits, y).mean().backward()
+        self._automatic_clipping()
         return logits.detach()
 
     def _augmult_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -459,7 +472,21 @@ class PrivateTraining:
         for p in self._trainable:
             if p.grad_sample is not None:
                 p.grad_sample = p.grad_sample.view(b, k, *p.shape).mean(1)
+        self._automatic_clipping()
         return logits.detach().view(b, k, -1).mean(1)
+
+    def _automatic_clipping(self) -> None:
+        """dp.clipping=automatic with per-sample hooks: scale each per-sample gradient by C / (||g|| + gamma)
+        where the DPOptimizer reads it; its flat clipping then finds every norm below C (factor 1, or for norms
+        above 1e4·C slightly below: never above C). Opacus has no automatic clipping (flat, per_layer, adaptive)."""
+        if self.privacy.settings.clipping != "automatic":
+            return
+        grads = [p.grad_sample for p in self._trainable if p.grad_sample is not None]
+        norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in grads], dim=1).norm(2, dim=1)
+        factors = automatic_clip_factors(norms, self.privacy.settings.max_grad_norm)
+        for p in self._trainable:
+            if p.grad_sample is not None:
+                p.grad_sample = p.grad_sample * factors.view(-1, *([1] * p.dim())).to(p.grad_sample.dtype)
 
     def _ghost_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Ghost clipping: a backward that only feeds Opacus' hooks the per-sample gradient norms, then the
@@ -478,7 +505,10 @@ class PrivateTraining:
         else:
             loss.backward(retain_graph=True)
             self.optimizer.zero_grad(set_to_none=True)  # unclipped gradients: never let them reach the step
-        coeff = self.hooks.get_clipping_coef()
+        if self.privacy.settings.clipping == "automatic":
+            coeff = automatic_clip_factors(self.hooks.get_norm_sample(), self.privacy.settings.max_grad_norm)
+        else:
+            coeff = self.hooks.get_clipping_coef()
         for p in self._trainable:  # a norm not refreshed next step must fail, not be reused silently
             p._norm_sample = None
         self.hooks.disable_hooks()
