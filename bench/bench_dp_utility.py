@@ -15,7 +15,10 @@ DP-SGD recipes (docs/privacy.md) pass through to the DP runs with ``--extra``; o
     python bench/bench_dp_utility.py /tmp/dpu --quick                           # tiny scale: proves the pipeline
 
 ``--quick``: 2 epochs / 2 rounds of 1 local epoch, 5 training batches per epoch, 2 validation and 5 test batches
-(a subset of each split): numbers that mean nothing, in minutes on a CPU.
+(a subset of each split): numbers that mean nothing, in minutes on a CPU. The noise is still calibrated for full
+epochs, so the DP runs stop early and spend less than the target ε (the table shows what each spent).
+``dp.ema`` is refused by federate.py (docs/privacy.md): with ``--extra dp.ema=...`` the federated DP points are
+rows with that error.
 """
 
 from __future__ import annotations
