@@ -21,6 +21,10 @@ The mechanism's randomness (Gaussian noise, Poisson masks) comes from the client
 ``steps_per_epoch`` Poisson steps at q = 1 / steps_per_epoch (``PoissonLoader``), the numbers the plan, the
 accountant and ``report()`` use. Callers must also ``check_precision(trainer precision)``: 16-bit and mixed
 precision break the clip bound.
+
+DP-SGD recipes (docs/privacy.md) are ``DPSettings`` options handled in ``PrivateTraining.step``: a logical batch
+in physical chunks (virtual steps), augmentation multiplicity, automatic clipping; ``dp.ema`` is a Lightning
+callback (bloodfl/training/averaging.py), outside the mechanism.
 """
 
 from __future__ import annotations
