@@ -164,7 +164,9 @@ class Root:
         plan = self.dp_settings()
         if plan is None or plan.augmult <= 1:
             return 0
-        if self.augmentation() is None:
+        from bloodfl.data.augment import NoAugment
+
+        if isinstance(self.augmentation() or NoAugment(), NoAugment):
             raise BloodflError(f"dp.augmult={plan.augmult} averages gradients over random augmentations, but "
                                "augment=none; choose one (e.g. augment=flips) or set dp.augmult=0")
         return plan.augmult

@@ -230,3 +230,16 @@ def test_automatic_clipping_scales_each_gradient_below_the_clip(mode: str) -> No
         with_one = _clipped_sum(model, torch.cat([x7, x * 10]), torch.cat([y7, y]), clip, mode=mode,
                                 clipping="automatic", physical_batch_size=physical)
         assert (with_one - without).norm() <= clip * (1 + 1e-5)
+
+
+def test_recipes_that_cannot_hold_are_refused_in_one_line(tmp_path: Path) -> None:
+    from bloodfl.compose import Root
+    from tests.conftest import compose_cfg
+
+    fed = Root(compose_cfg(["dp='true'", "dp.ema=0.999"], tmp_path, "federate"))
+    with pytest.raises(BloodflError, match="dp.ema=null"):  # not built for federated runs yet (docs/privacy.md)
+        fed.check_federated()
+    with pytest.raises(BloodflError, match="augment=none"):  # K copies of the same image: nothing to average
+        Root(compose_cfg(["dp='true'", "dp.augmult=4", "augment=none"], tmp_path)).augmult()
+    assert Root(compose_cfg(["dp='true'", "dp.augmult=4", "augment=flips"], tmp_path)).augmult() == 4
+    assert Root(compose_cfg(["augment=flips"], tmp_path)).augmult() == 0  # no DP: one view
