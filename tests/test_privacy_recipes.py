@@ -174,15 +174,18 @@ def test_virtual_steps_account_exactly_the_sample_rate_and_steps_taken() -> None
         settings.steps_per_epoch(10, loader_steps=1)
 
 
-def _fit_lightning(ema: float | None, out: Path) -> tuple[ClientPrivacy, ClassifierModule, pl.Trainer]:
-    """A centralized DP fit through Lightning (the path train.py takes), with or without dp.ema's callback."""
+def _fit_lightning(ema: float | None, out: Path, secret: str | None = "5c" * 16,
+                   ) -> tuple[ClientPrivacy, ClassifierModule, pl.Trainer]:
+    """A centralized DP fit through Lightning (the path train.py takes), with or without dp.ema's callback;
+    secret=None: the client's own fresh secret (what an attacker replaying the fit does not have)."""
     rng = np.random.default_rng(0)
     images, labels = rng.integers(0, 255, (24, 4, 4, 3), dtype=np.uint8), rng.integers(0, 3, 24)
     dm = ArrayDataModule(images, labels, train_idx=np.arange(16), val_idx=np.arange(16, 24),
                          test_idx=np.arange(16, 24), batch_size=4, normalize="minmax", classes=["a", "b", "c"])
     privacy = ClientPrivacy(DPSettings(noise_multiplier=1.0, ema=ema), num_samples=16, steps_per_epoch=4,
                             total_steps=8, grad_sample_mode="hooks")
-    privacy.secret.load_state_dict({"secret": "5c" * 16})
+    if secret is not None:
+        privacy.secret.load_state_dict({"secret": secret})
     dm.use_poisson_sampling(privacy.sample_rate, privacy.steps_per_epoch, privacy.sampling_generator())
     torch.manual_seed(0)
     net = nn.Sequential(nn.Flatten(), nn.Linear(48, 3))
@@ -243,3 +246,15 @@ def test_recipes_that_cannot_hold_are_refused_in_one_line(tmp_path: Path) -> Non
         Root(compose_cfg(["dp='true'", "dp.augmult=4", "augment=none"], tmp_path)).augmult()
     assert Root(compose_cfg(["dp='true'", "dp.augmult=4", "augment=flips"], tmp_path)).augmult() == 4
     assert Root(compose_cfg(["augment=flips"], tmp_path)).augmult() == 0  # no DP: one view
+
+
+def test_ema_weights_cannot_be_replayed_without_the_secret(tmp_path: Path) -> None:
+    """The replay attack (tests/test_privacy_boundary.py) against the released EMA weights: same code, data,
+    public seed and initial weights; only the client's secret makes the replay differ."""
+    def released(name: str, secret: str | None) -> list[torch.Tensor]:
+        return [p.detach().clone() for p in _fit_lightning(0.5, tmp_path / name, secret)[1].net.parameters()]
+
+    observed = released("client", None)
+    assert not all(torch.equal(a, b) for a, b in zip(observed, released("attacker", None)))
+    known = released("client_known", "77" * 16)
+    assert all(torch.equal(a, b) for a, b in zip(known, released("attacker_known", "77" * 16)))
