@@ -148,7 +148,8 @@ class Root:
         self._check_dp_inputs()
         return BloodDataModule(dataset=cfg.dataset, split=cfg.split, augment=self.augmentation(),
                                batch_size=int(cfg.loader.batch_size), seed=self.seed,
-                               cache_dir=cfg.paths.get("cache_dir"), num_workers=int(cfg.loader.num_workers))
+                               cache_dir=cfg.paths.get("cache_dir"), num_workers=int(cfg.loader.num_workers),
+                               augmult=self.augmult())
 
     def client_datamodule(self, dm: BloodDataModule, train_idx: np.ndarray, val_idx: np.ndarray,
                           normalize: dict[str, list[float]] | None = None) -> ArrayDataModule:
@@ -158,7 +159,19 @@ class Root:
         return ArrayDataModule(dm.images, dm.labels, train_idx=train_idx, val_idx=val_idx,
                                batch_size=int(cfg.loader.batch_size), augment=self.augmentation(),
                                normalize=normalize or dm.normalization, seed=self.seed,
-                               num_workers=int(cfg.loader.num_workers), classes=dm.classes)
+                               num_workers=int(cfg.loader.num_workers), classes=dm.classes, augmult=self.augmult())
+
+    def augmult(self) -> int:
+        """``dp.augmult``: augmented views per training image (0 without DP or with the recipe off)."""
+        plan = self.dp_settings()
+        if plan is None or plan.augmult <= 1:
+            return 0
+        from bloodfl.data.augment import NoAugment
+
+        if isinstance(self.augmentation() or NoAugment(), NoAugment):
+            raise BloodflError(f"dp.augmult={plan.augmult} averages gradients over random augmentations, but "
+                               "augment=none; choose one (e.g. augment=flips) or set dp.augmult=0")
+        return plan.augmult
 
     def held_out_datamodule(self, dm: BloodDataModule) -> ArrayDataModule:
         """The central validation and test images, for the federated server's evaluation of the global model."""
@@ -198,7 +211,7 @@ class Root:
         plan = self.dp_settings()
         if plan is not None:  # before any optimizer exists and before federated clients copy the network
             net, changes, self._dp_mode = prepare_model(net, (3, self.image_size, self.image_size),
-                                                        plan.grad_sample_mode)
+                                                        plan.model_mode)
             for change in changes:
                 log.info("dp: %s", change)
             log.info("dp: per-sample gradients by %s",
@@ -251,7 +264,18 @@ class Root:
     def callbacks(self) -> list[pl.Callback]:
         # finetune=frozen|two_phase: a callback freezing the backbone (conf/finetune, bloodfl/training/finetune.py)
         finetune = _instantiate_each(self.cfg.get("finetune"))
-        return [*_instantiate_each(self.cfg.get("callbacks")), *finetune]
+        return [*_instantiate_each(self.cfg.get("callbacks")), *finetune, *self._ema()]
+
+    def _ema(self) -> list[pl.Callback]:
+        """``dp.ema``: Lightning's EMAWeightAveraging (bloodfl/training/averaging.py), so the averaged weights are
+        the ones validated, checkpointed (hence selected), tested and left in the model at the end.
+        Post-processing of the DP-SGD iterates (the accountant already covers releasing every one): free."""
+        plan = self.dp_settings()
+        if plan is None or plan.ema is None:
+            return []
+        from bloodfl.training.averaging import EvaluatedEMA
+
+        return [EvaluatedEMA(decay=float(plan.ema))]
 
     def loggers(self) -> list[Any]:
         return _instantiate_each(self.cfg.get("logger"))
@@ -291,15 +315,17 @@ class Root:
         return DPSettings.from_config(OmegaConf.to_container(node, resolve=True))
 
     def client_privacy(self, name: str, num_samples: int, steps_per_epoch: int, epochs: int) -> ClientPrivacy | None:
-        """One accountant for every DP step a client (or the centralized trainer) takes in the whole run."""
+        """One accountant for every DP step a client (or the centralized trainer) takes in the whole run.
+        ``steps_per_epoch``: the plain training loader's batches (replaced by n // dp.expected_batch_size)."""
         settings = self.dp_settings()
         if settings is None:
             return None
         mode = self._dp_mode
         if mode is None:
             raise BloodflError("dp=true but the network was not built by Root.network, so it is not DP-ready")
-        return ClientPrivacy(settings, num_samples=num_samples, steps_per_epoch=steps_per_epoch,
-                             total_steps=epochs * steps_per_epoch, grad_sample_mode=mode, name=name)
+        steps = settings.steps_per_epoch(num_samples, steps_per_epoch)  # dp.expected_batch_size, when set
+        return ClientPrivacy(settings, num_samples=num_samples, steps_per_epoch=steps,
+                             total_steps=epochs * steps, grad_sample_mode=mode, name=name)
 
     def dp_record(self) -> dict[str, Any]:
         """The dp settings as given, for privacy.json."""
@@ -324,6 +350,10 @@ class Root:
         if finetune.get("callback"):
             raise BloodflError("finetune=frozen/two_phase is not supported by federate.py (clients train the whole "
                                "network each round); use finetune=full, or train.py for the fine-tuning schemes")
+        plan = self.dp_settings()
+        if plan is not None and plan.ema is not None:  # docs/privacy.md: a server-side EMA is the planned design
+            raise BloodflError("dp.ema (an EMA of the weights) is implemented for train.py only, not yet for "
+                               "federate.py; set dp.ema=null")
 
     @property
     def fl(self) -> DictConfig:

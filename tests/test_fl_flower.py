@@ -59,7 +59,8 @@ def test_simulation_agrees_with_the_inprocess_backend(tmp_path: Path) -> None:
     out = tmp_path / "flower"
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["test/acc"] == pytest.approx(float(b[-1]["test/acc"])) and "test/auroc_macro" in saved
-    for name in ("figures/learning_curves.png", "partition.csv", "splits.csv", "test_per_class.csv", "checkpoints/round_002.pt"):
+    for name in ("figures/learning_curves.png", "partition.csv", "splits.csv", "test_per_class.csv",
+                 "checkpoints/round_002.pt"):
         assert (out / name).exists(), name
 
 

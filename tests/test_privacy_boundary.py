@@ -10,6 +10,7 @@ the secret is what stops it. Resuming from the client's state_dict continues the
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 
@@ -25,6 +26,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 PUBLIC_SEED, N, BATCH, EPOCHS = 1234, 8, 4, 10  # 2 Poisson batches per epoch, 20 steps per fit
 SETTINGS = DPSettings(noise_multiplier=0.8, max_grad_norm=1.0)
+# DP-SGD recipes (tests/test_privacy_recipes.py) under the same attack: virtual steps of one image, 3 views
+RECIPES = {"plain": {}, "virtual_steps": {"physical_batch_size": 1}, "augmult": {"augmult": 3},
+           "automatic_clipping": {"clipping": "automatic"}}
 
 
 def _records() -> tuple[torch.Tensor, torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
@@ -51,15 +55,19 @@ def _fit(privacy: ClientPrivacy, weights: dict[str, torch.Tensor], record: tuple
     loader = DataLoader(TensorDataset(x, y), batch_size=BATCH, shuffle=True,
                         generator=torch.Generator().manual_seed(seed))
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    views = privacy.settings.augmult
     with privacy.attach(model, opt, loader) as private:
         for _ in range(EPOCHS):
             for xb, yb in private.loader:
+                if views > 1:  # K "augmented" views of each record (deterministic stand-ins)
+                    xb = torch.stack([xb * s for s in (1.0, -1.0, 0.5)][:views], 1)
                 private.step(xb, yb)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _client(mode: str = "hooks") -> ClientPrivacy:
-    return ClientPrivacy(SETTINGS, num_samples=N, steps_per_epoch=N // BATCH, total_steps=EPOCHS * N // BATCH,
+def _client(mode: str = "hooks", recipe: str = "plain") -> ClientPrivacy:
+    settings = dataclasses.replace(SETTINGS, **RECIPES[recipe])
+    return ClientPrivacy(settings, num_samples=N, steps_per_epoch=N // BATCH, total_steps=EPOCHS * N // BATCH,
                          grad_sample_mode=mode)
 
 
@@ -68,13 +76,13 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 
 def _replay(weights: dict[str, torch.Tensor], observed: dict[str, torch.Tensor], mode: str,
-            client_state: dict | None) -> set[str]:
+            client_state: dict | None, recipe: str = "plain") -> set[str]:
     """The attacker: replays the fit for each candidate with the same code and public seed, and a
     ClientPrivacy of its own (given the client's state only when the secret leaked); returns the matches."""
     _, _, candidates = _records()
     matches = set()
     for name, record in candidates.items():
-        mine = _client(mode)
+        mine = _client(mode, recipe)
         if client_state is not None:
             mine.load_state_dict(client_state)
         if _same(_fit(mine, weights, record, mode), observed):
@@ -82,19 +90,21 @@ def _replay(weights: dict[str, torch.Tensor], observed: dict[str, torch.Tensor],
     return matches
 
 
-@pytest.mark.parametrize("mode", ["hooks", "ghost"])
-def test_replay_attack_fails_without_the_secret_and_succeeds_with_it(mode: str) -> None:
+@pytest.mark.parametrize(("mode", "recipe"), [("hooks", "plain"), ("ghost", "plain"), ("hooks", "virtual_steps"),
+                                             ("ghost", "virtual_steps"), ("hooks", "augmult"),
+                                             ("hooks", "automatic_clipping"), ("ghost", "automatic_clipping")])
+def test_replay_attack_fails_without_the_secret_and_succeeds_with_it(mode: str, recipe: str) -> None:
     weights = _initial_weights()
     _, _, candidates = _records()
-    client = _client(mode)
+    client = _client(mode, recipe)
     before = client.state_dict()  # what a leak of the client's own checkpoint would give away
     observed = _fit(client, weights, candidates["a"], mode)  # the update the server sees
     assert not _same(observed, weights)
 
-    assert _replay(weights, observed, mode, client_state=None) == set()  # the secret stops it
+    assert _replay(weights, observed, mode, client_state=None, recipe=recipe) == set()  # the secret stops it
     # the same attack with the secret known: exactly the true record reproduces the update (with 20 steps at
     # q = 1/2 the record is in some batch but with probability 2^-20, so the other candidate's update differs)
-    assert _replay(weights, observed, mode, client_state=before) == {"a"}
+    assert _replay(weights, observed, mode, client_state=before, recipe=recipe) == {"a"}
 
 
 def test_secret_is_not_a_function_of_the_public_seed() -> None:

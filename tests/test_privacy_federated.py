@@ -96,11 +96,18 @@ def test_federate_all_pbs_dp_true_command(tmp_path: Path) -> None:
     assert all(float(rows[0][f"client{c}/epsilon"]) < float(rows[1][f"client{c}/epsilon"]) for c in range(3))
 
 
-@pytest.mark.parametrize(("task", "k"), [("federate", 93), ("train", 12)])
-def test_privacy_json_alone_reproduces_epsilon(task: str, k: int, tmp_path: Path) -> None:
+# every DP-SGD recipe at once: a logical batch of 25 (k = 100 // 25) in chunks of 7, 2 views per image, an EMA,
+# automatic clipping
+RECIPE_SETTINGS = {"expected_batch_size": 25, "physical_batch_size": 7, "augmult": 2, "ema": 0.9,
+                   "clipping": "automatic"}
+RECIPES = [*(f"dp.{k}={v}" for k, v in RECIPE_SETTINGS.items()), "augment=flips"]
+
+
+@pytest.mark.parametrize(("task", "k", "recipes"), [("federate", 93, []), ("train", 12, []), ("train", 4, RECIPES)])
+def test_privacy_json_alone_reproduces_epsilon(task: str, k: int, recipes: list[str], tmp_path: Path) -> None:
     """k = 93 batches per epoch is one of the counts where Opacus' own loader would take k - 1 steps: what was
     accounted (sample rate, steps) is what privacy.json records, and ε recomputed from the record alone with a
-    fresh Opacus accountant equals the reported one, within the target."""
+    fresh Opacus accountant equals the reported one, within the target; with the recipes on too."""
     from bloodfl.training.run import train
 
     if task == "federate":  # 94 training images, 1 held out locally: 93 batches of 1
@@ -109,7 +116,7 @@ def test_privacy_json_alone_reproduces_epsilon(task: str, k: int, tmp_path: Path
         run = lambda cfg: federate(cfg)  # noqa: E731
     else:  # 100 training images in batches of 8: 12 batches
         args = ["dataset=synthetic", "dataset.image_size=16", "dataset.source.n_per_class=18", "loader.batch_size=8",
-                "trainer.max_epochs=2", "logger=csv", "callbacks=none"]
+                "trainer.max_epochs=2", "logger=csv", "callbacks=none", *recipes]
         run = train
     run(compose_cfg([*args, "model=simple_cnn", "dp='true'", "dp.target_epsilon=3.0"], tmp_path, task))
     doc = json.loads((tmp_path / "privacy.json").read_text())
@@ -120,3 +127,6 @@ def test_privacy_json_alone_reproduces_epsilon(task: str, k: int, tmp_path: Path
         acc.history = [(client["noise_multiplier"], client["sample_rate"], client["steps"])]
         assert acc.get_epsilon(client["delta"]) == pytest.approx(client["epsilon"], rel=1e-9)
         assert client["epsilon"] <= 3.0
+        if recipes:  # each recipe's setting is recorded with what the client spent, and in the run's settings
+            assert {k: client[f"dp.{k}"] for k in RECIPE_SETTINGS} == RECIPE_SETTINGS
+            assert {k: doc["settings"][k] for k in RECIPE_SETTINGS} == RECIPE_SETTINGS

@@ -112,6 +112,7 @@ class ArrayDataModule(pl.LightningDataModule):
         seed: int = 0,
         num_workers: int = 0,
         classes: list[str] | None = None,
+        augmult: int = 0,
     ) -> None:
         super().__init__()
         mean_std = resolve_normalization(normalize)
@@ -119,6 +120,7 @@ class ArrayDataModule(pl.LightningDataModule):
         self.idx = {"train": train_idx, "val": val_idx, "test": test_idx}
         self.batch_size = batch_size
         self.augment = augment
+        self.augmult = augmult  # K > 1: K augmented views of each training image, (B, K, C, H, W) (dp.augmult)
         self.poisson: tuple[float, int, torch.Generator | None] | None = None  # see use_poisson_sampling
         self.register_mean_std: tuple[torch.Tensor, torch.Tensor] | None = None
         if mean_std is not None:
@@ -198,16 +200,21 @@ class ArrayDataModule(pl.LightningDataModule):
         return self._loader("test", False)
 
     def to_float(self, x: torch.Tensor, train: bool) -> torch.Tensor:
-        """uint8 NHWC batch -> normalized float NCHW; augmentation only when ``train``."""
+        """uint8 NHWC batch -> normalized float NCHW; augmentation only when ``train``. With ``augmult`` K > 1 a
+        training batch becomes (B, K, C, H, W): K independently augmented views of each image."""
         # contiguous NCHW: a permuted view keeps channels-last strides, which made the CPU step ~10-25% slower
         # (bench/bench_overhead.py --mode steps, docs/parity.md)
         x = x.permute(0, 3, 1, 2).contiguous().float().div_(255.0)
+        views = self.augmult if train and self.augmult > 1 else 0
+        if views:
+            x = x.repeat_interleave(views, 0)  # image i's views are rows i*K .. i*K+K-1
         if train and self.augment is not None:
             x = self.augment(x)
         if self.register_mean_std is None:
             raise BloodflError("normalize=train: the statistics are known only after setup()")
         mean, std = self.register_mean_std
-        return (x - mean.to(x.device)) / std.to(x.device)
+        x = (x - mean.to(x.device)) / std.to(x.device)
+        return x.view(-1, views, *x.shape[1:]) if views else x
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         x, y = batch
@@ -229,9 +236,10 @@ class BloodDataModule(ArrayDataModule):
         seed: int = 0,
         cache_dir: str | None = None,
         num_workers: int = 0,
+        augmult: int = 0,
     ) -> None:
         super().__init__(batch_size=batch_size, augment=augment, normalize=dataset.get("normalize", "imagenet"),
-                         seed=seed, num_workers=num_workers)
+                         seed=seed, num_workers=num_workers, augmult=augmult)
         self.dataset_cfg = dataset
         self.split_spec = SplitSpec(**{k: v for k, v in split.items() if k in SplitSpec.__dataclass_fields__})
         if self.split_spec.seed is None:

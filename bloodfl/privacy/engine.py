@@ -21,6 +21,10 @@ The mechanism's randomness (Gaussian noise, Poisson masks) comes from the client
 ``steps_per_epoch`` Poisson steps at q = 1 / steps_per_epoch (``PoissonLoader``), the numbers the plan, the
 accountant and ``report()`` use. Callers must also ``check_precision(trainer precision)``: 16-bit and mixed
 precision break the clip bound.
+
+DP-SGD recipes (docs/privacy.md) are ``DPSettings`` options handled in ``PrivateTraining.step``: a logical batch
+in physical chunks (virtual steps), augmentation multiplicity, automatic clipping; ``dp.ema`` is a Lightning
+callback (bloodfl/training/averaging.py), outside the mechanism.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ from bloodfl.privacy.compat import check_private, make_dp_compatible
 from bloodfl.privacy.norms import ghost_norm_samplers, hooks_grad_samplers
 
 MODES = ("auto", "ghost", "hooks")
+CLIPPINGS = ("flat", "automatic")
+AUTOMATIC_CLIP_GAMMA = 0.01  # Bu et al. 2023's stability constant: factor C / (||g|| + gamma)
 
 # Opacus' hooks see module outputs only (images do not require grad); PyTorch says so on every step
 warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect "
@@ -64,6 +70,12 @@ class DPSettings:
     accountant: str = "rdp"
     grad_sample_mode: str = "auto"
     secure_mode: bool = False  # Opacus' secure RNG (torchcsprng) for noise and sampling; see docs/privacy.md
+    # recipes (docs/privacy.md, "DP-SGD recipes"); all off by default
+    expected_batch_size: int | None = None  # logical (Poisson expected) batch; None: loader.batch_size
+    physical_batch_size: int | None = None  # images per forward/backward chunk of a logical batch; None: all
+    augmult: int = 0  # augmentation multiplicity K (De et al. 2022): 0 or 1 off
+    ema: float | None = None  # decay of an EMA of the weights (post-processing); None off
+    clipping: str = "flat"  # flat: min(1, C / ||g||); automatic: C / (||g|| + 0.01) (Bu et al. 2023)
 
     def __post_init__(self) -> None:
         if (self.noise_multiplier is None) == (self.target_epsilon is None):
@@ -80,8 +92,36 @@ class DPSettings:
         if self.grad_sample_mode not in MODES:
             raise BloodflError(f"dp.grad_sample_mode must be one of {', '.join(MODES)}, "
                                f"got {self.grad_sample_mode!r}")
+        for key in ("expected_batch_size", "physical_batch_size"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise BloodflError(f"dp.{key} must be a positive integer or null, got {value!r}")
+        if not isinstance(self.augmult, int) or self.augmult < 0:
+            raise BloodflError(f"dp.augmult must be an integer >= 0 (0 or 1: off), got {self.augmult!r}")
+        if self.augmult > 1 and self.grad_sample_mode == "ghost":
+            raise BloodflError("dp.augmult needs per-sample gradients of every view (averaged before clipping), "
+                               "which ghost clipping never forms; use dp.grad_sample_mode=auto or hooks")
+        if self.clipping not in CLIPPINGS:
+            raise BloodflError(f"dp.clipping must be one of {', '.join(CLIPPINGS)}, got {self.clipping!r}")
+        if self.ema is not None and not 0 < self.ema < 1:
+            raise BloodflError(f"dp.ema is the EMA decay, in (0, 1) (e.g. 0.999) or null (off); got {self.ema!r}")
         if self.secure_mode:
             check_secure_mode()
+
+    def steps_per_epoch(self, num_samples: int, loader_steps: int) -> int:
+        """Poisson steps per epoch: ``num_samples // expected_batch_size`` when the logical batch is set, else the
+        plain loader's batches per epoch (so the expected Poisson batch is ``loader.batch_size``)."""
+        if self.expected_batch_size is None:
+            return loader_steps
+        if self.expected_batch_size > num_samples:
+            raise BloodflError(f"dp.expected_batch_size={self.expected_batch_size} exceeds the {num_samples} "
+                               "training images; lower it (or null: loader.batch_size)")
+        return max(1, num_samples // self.expected_batch_size)
+
+    @property
+    def model_mode(self) -> str:
+        """The grad_sample_mode to prepare the network with: augmentation multiplicity needs per-sample hooks."""
+        return "hooks" if self.augmult > 1 and self.grad_sample_mode == "auto" else self.grad_sample_mode
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | None) -> DPSettings | None:
@@ -93,6 +133,13 @@ class DPSettings:
         if unknown:
             raise BloodflError(f"unknown dp setting(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
         return cls(**{k: cfg[k] for k in known if k in cfg})
+
+
+def automatic_clip_factors(norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
+    """Automatic (normalised) clipping, Bu et al. 2023: every per-sample gradient scaled by C / (||g|| + gamma),
+    so its norm is C·||g|| / (||g|| + gamma) < C — the same sensitivity as flat clipping, with no threshold to
+    tune (C only scales the update, as a learning rate does)."""
+    return max_grad_norm / (norms + AUTOMATIC_CLIP_GAMMA)
 
 
 def check_secure_mode() -> None:
@@ -269,6 +316,7 @@ class ClientPrivacy:
                 "noise_multiplier": self.noise_multiplier, "sample_rate": self.sample_rate,
                 "steps": self.steps, "planned_steps": self.planned_steps, "steps_per_epoch": self.steps_per_epoch,
                 "num_samples": self.num_samples, "grad_sample_mode": self.grad_sample_mode,
+                "expected_batch_size": self.num_samples * self.sample_rate,
                 # exactly what the accountant composed: [noise multiplier, sample rate, steps] per phase
                 "accountant": self.accountant.mechanism, "history": self.accountant.state_dict()["history"],
                 **{f"dp.{k}": v for k, v in asdict(self.settings).items()}}
@@ -368,25 +416,81 @@ class PrivateTraining:
         """One DP-SGD step on a Poisson batch; returns (mean loss, logits), both detached (None if empty).
 
         optimizer_step: what steps the DPOptimizer (default: its ``step``); Lightning passes its wrapper of the
-        same optimizer, so the step is counted (``global_step``: checkpoints, schedulers, logging intervals)."""
+        same optimizer, so the step is counted (``global_step``: checkpoints, schedulers, logging intervals).
+
+        With ``dp.augmult`` K > 1, x is (B, K, C, H, W): K augmented views of each image, whose gradients are
+        averaged per image before clipping. With ``dp.physical_batch_size`` the (logical) batch goes through forward and
+        backward in chunks of that many images (virtual steps): Opacus' DPOptimizer clips and sums each chunk
+        (``signal_skip_step``: no noise, no parameter update, no accountant step), and the last chunk's step adds
+        the noise once, divides by the expected logical batch and is the one accounted step."""
         step = optimizer_step or self.optimizer.step
         self.optimizer.zero_grad(set_to_none=True)
         if x.shape[0] == 0:  # Poisson sampling can draw nobody: still a DP step (noise only), still accounted
             self._noise_only_step(step)
             return None, None
-        if self.mode == "ghost":
-            logits = self._ghost_backward(x, y)
-        else:
-            # per-sample losses, each with its own class weight, averaged over the batch: Opacus' hooks
-            # (loss_reduction="mean") multiply by the batch size, so each per-sample gradient is that sample's
-            # alone. A class-weighted criterion's own mean divides by the batch's summed weights instead, which
-            # ties every sample's gradient to the rest of the batch (sensitivity above max_grad_norm).
-            logits = self.model(x)
-            self.per_sample_loss(logits, y).mean().backward()
+        size = self.privacy.settings.physical_batch_size or x.shape[0]
+        chunks = list(zip(x.split(size), y.split(size)))
+        logits = []
+        for i, (xc, yc) in enumerate(chunks):
+            if i:  # the clipped sums so far are kept in p.summed_grad (the last step was a skipped one)
+                self.optimizer.zero_grad(set_to_none=True)
+            logits.append(self._clipped_backward(xc, yc))
+            if i < len(chunks) - 1:
+                self.optimizer.signal_skip_step(do_skip=True)
+                self.optimizer.step()  # clip and accumulate only: neither counted by Lightning nor accounted
         step()
+        out = torch.cat(logits)
         with torch.no_grad():  # what is logged: the criterion as configured (as val/loss), not what was clipped
-            loss = self.criterion(logits.detach(), y)
-        return loss, logits.detach()
+            loss = self.criterion(out, y)
+        return loss, out
+
+    def _clipped_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Backward passes that leave this batch's per-sample gradients for the DPOptimizer to clip (hooks) or
+        their clipped sum (ghost); returns the logits (averaged over the views with augmentation multiplicity)."""
+        if self.privacy.settings.augmult > 1:
+            return self._augmult_backward(x, y)
+        if self.mode == "ghost":
+            return self._ghost_backward(x, y).detach()
+        # per-sample losses, each with its own class weight, averaged over the batch: Opacus' hooks
+        # (loss_reduction="mean") multiply by the batch size, so each per-sample gradient is that sample's
+        # alone. A class-weighted criterion's own mean divides by the batch's summed weights instead, which
+        # ties every sample's gradient to the rest of the batch (sensitivity above max_grad_norm).
+        logits = self.model(x)
+        self.per_sample_loss(logits, y).mean().backward()
+        self._automatic_clipping()
+        return logits.detach()
+
+    def _augmult_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Augmentation multiplicity (De et al. 2022): each image's gradient is the mean of its K views' gradients,
+        formed BEFORE clipping, so an image still contributes at most max_grad_norm. Opacus' hooks give one
+        per-sample gradient per view (B * K rows); they are averaged per image here, where the DPOptimizer reads
+        them (``p.grad_sample``) — hand-written, since Opacus has no option for it."""
+        b, k = x.shape[:2]
+        if self.mode != "hooks" or k != self.privacy.settings.augmult:
+            raise BloodflError(f"dp.augmult={self.privacy.settings.augmult} needs per-sample hooks "
+                               "(dp.grad_sample_mode=hooks or auto) and batches of (images, views, ...) from a data "
+                               f"module built with augmult (Root.datamodule); got mode {self.mode}, "
+                               f"shape {tuple(x.shape)}")
+        logits = self.model(x.flatten(0, 1))
+        self.per_sample_loss(logits, y.repeat_interleave(k)).mean().backward()
+        for p in self._trainable:
+            if p.grad_sample is not None:
+                p.grad_sample = p.grad_sample.view(b, k, *p.shape).mean(1)
+        self._automatic_clipping()
+        return logits.detach().view(b, k, -1).mean(1)
+
+    def _automatic_clipping(self) -> None:
+        """dp.clipping=automatic with per-sample hooks: scale each per-sample gradient by C / (||g|| + gamma)
+        where the DPOptimizer reads it; its flat clipping then finds every norm below C (factor 1, or for norms
+        above 1e4·C slightly below: never above C). Opacus has no automatic clipping (flat, per_layer, adaptive)."""
+        if self.privacy.settings.clipping != "automatic":
+            return
+        grads = [p.grad_sample for p in self._trainable if p.grad_sample is not None]
+        norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in grads], dim=1).norm(2, dim=1)
+        factors = automatic_clip_factors(norms, self.privacy.settings.max_grad_norm)
+        for p in self._trainable:
+            if p.grad_sample is not None:
+                p.grad_sample = p.grad_sample * factors.view(-1, *([1] * p.dim())).to(p.grad_sample.dtype)
 
     def _ghost_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Ghost clipping: a backward that only feeds Opacus' hooks the per-sample gradient norms, then the
@@ -405,7 +509,10 @@ class PrivateTraining:
         else:
             loss.backward(retain_graph=True)
             self.optimizer.zero_grad(set_to_none=True)  # unclipped gradients: never let them reach the step
-        coeff = self.hooks.get_clipping_coef()
+        if self.privacy.settings.clipping == "automatic":
+            coeff = automatic_clip_factors(self.hooks.get_norm_sample(), self.privacy.settings.max_grad_norm)
+        else:
+            coeff = self.hooks.get_clipping_coef()
         for p in self._trainable:  # a norm not refreshed next step must fail, not be reused silently
             p._norm_sample = None
         self.hooks.disable_hooks()
