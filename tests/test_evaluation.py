@@ -117,6 +117,9 @@ def test_a_run_writes_figures_predictions_and_a_wandb_run_holding_them(tmp_path:
     assert saved["test/acc_ci95_low"] <= saved["test/acc"] <= saved["test/acc_ci95_high"]
     assert "(95% CI" in (tmp_path / "test_report.txt").read_text()
 
+    import wandb
+
+    wandb.teardown()  # as at process exit: the W&B service writes the rest of the run's record
     run = next((tmp_path / "wandb").glob("offline-run-*"))
     media = run / "files" / "media"
     assert {p.name.split("_")[0] for p in (media / "images" / "figures").glob("*.png")} >= {"roc", "learning"}
