@@ -12,7 +12,7 @@ bloodfl's per-step additions but no Lightning, and inside Lightning's loop (``ru
 Federated (``--mode fl``): ``federate(cfg)`` for each client count in ``--clients`` (synthetic data, simple_cnn by
 default), with rounds.csv's ``seconds``/``fit_seconds``/``eval_seconds`` and timers around each client's local
 ``trainer.fit`` (the rest of a client's fit is building its trainer, copying state dicts in and out), the
-aggregation, the round checkpoint and the rounds plot.
+aggregation and the round checkpoint (the learning-curve figure is drawn once, at the end of the run).
 
     python bench/bench_overhead.py --mode train --data-dir ../shared/data --epochs 3 --repeats 2   # docs/parity.md
     python bench/bench_overhead.py --mode fl --clients 5 20 100 --rounds 3                        # docs/parity.md
@@ -260,7 +260,7 @@ def run_fl(a: argparse.Namespace, clients: int, out: Path) -> dict[str, Any]:
         return timed_attribute(obj, name, key, timings)
 
     patches = [wrap(pl.Trainer, "fit", "local trainer.fit"), wrap(FLClient, "fit", "client fit (all)"),
-               wrap(loop, "save_checkpoint", "round checkpoint"), wrap(loop, "plot_rounds", "rounds plot"),
+               wrap(loop, "save_checkpoint", "round checkpoint"),
                wrap(loop, "write_rounds_csv", "rounds.csv")]
     cfg = compose_cfg([f"dataset={a.fl_dataset}", f"model={a.fl_model}", f"fl.num_clients={clients}",
                        f"fl.rounds={a.rounds}", "fl.local_epochs=1", "fl.partition=iid", "logger=csv",
@@ -280,16 +280,16 @@ def run_fl(a: argparse.Namespace, clients: int, out: Path) -> dict[str, Any]:
     sec = sum(float(r["seconds"]) for r in rows)
     fit = sum(float(r["fit_seconds"]) for r in rows)
     ev = sum(float(r["eval_seconds"]) for r in rows)
-    after = timings["round checkpoint"] + timings["rounds plot"] + timings["rounds.csv"]
+    after = timings["round checkpoint"] + timings["rounds.csv"]
     local = timings["local trainer.fit"]
     round_total = sec + after
     return {"clients": clients, "rounds": len(rows), "wall": wall, "load_before": load,
-            "per_round": {"round (rounds.csv seconds + checkpoint, csv, plot)": round_total / len(rows),
+            "per_round": {"round (rounds.csv seconds + checkpoint, csv)": round_total / len(rows),
                           "local trainer.fit": local / len(rows),
                           "client overhead (fit_seconds - trainer.fit)": (fit - local) / len(rows),
                           "aggregation (seconds - fit - eval)": (sec - fit - ev) / len(rows),
                           "global evaluation (eval_seconds)": ev / len(rows),
-                          "checkpoint + rounds.csv + plot": after / len(rows)},
+                          "checkpoint + rounds.csv": after / len(rows)},
             "overhead_share": 1 - local / round_total,
             "checkpoint_MB": round((out / "checkpoints" / "round_001.pt").stat().st_size / 1e6, 2)
             if (out / "checkpoints" / "round_001.pt").exists() else None}
