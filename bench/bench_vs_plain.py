@@ -124,7 +124,7 @@ def plain(cfg: Any, a: argparse.Namespace) -> dict[str, Any]:
 # ---- the bloodfl variants ----------------------------------------------------------------------------------
 
 def train_curve(out: Path, epochs: int) -> list[float]:
-    """val/acc per fitted epoch from the CSV logger (the post-fit validate row comes after them)."""
+    """val/acc per fitted epoch from the CSV logger (rows after the fitted epochs, if any, are not epochs)."""
     with open(out / "csv" / "metrics.csv") as fh:
         rows = [r for r in csv.DictReader(fh) if r.get("val/acc")]
     return [float(r["val/acc"]) for r in rows[:epochs]]
