@@ -21,7 +21,7 @@ import torch
 
 from bloodfl.console import cli_errors
 from bloodfl.errors import BloodflError
-from bloodfl.evaluation.collect import collect
+from bloodfl.evaluation.collect import load_job
 from bloodfl.evaluation.figures import write_figures
 from bloodfl.evaluation.metrics import Evaluation, evaluate, read_predictions, write_predictions
 
@@ -68,9 +68,9 @@ def ensemble(members: list[str | Path], out: str | Path, resamples: int = 1000, 
     ev = evaluate(torch.from_numpy(probs), torch.from_numpy(target), classes, resamples, seed)
     ev.write(out_dir)
     write_predictions(out_dir / PREDICTIONS, ev, refs)
-    jobs = {j.dir: j for r in runs for j in collect(r) if j.dir == r}
-    names = [f"{jobs[r].model}" if r in jobs else r.name for r in runs]
-    dataset = next((j.dataset for j in jobs.values()), "?")
+    jobs = [load_job(r) for r in runs if (r / "metrics.json").exists()]  # each member's own run, not nested ones
+    names = [j.model for j in jobs] or [r.name for r in runs]
+    dataset = jobs[0].dataset if jobs else "?"
     write_figures(out_dir, ev, [], "epoch", f"{dataset}, soft-voting ensemble of {', '.join(names)}")
     metrics = {**ev.flat("test"), "test/confusion_matrix": ev.confusion, "members": [str(r) for r in runs]}
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -55,12 +55,13 @@ def _yaml(path: Path) -> Any:
     return yaml.safe_load(path.read_text()) if path.exists() else None
 
 
+def load_job(job: Path) -> Job:
+    """One finished run directory (it holds ``metrics.json``)."""
+    overrides = _yaml(job / ".hydra" / "overrides.yaml") or []
+    config = _yaml(job / ".hydra" / "config.yaml") or {}
+    return Job(job, json.loads((job / "metrics.json").read_text()), list(overrides), config)
+
+
 def collect(root: str | Path) -> list[Job]:
     """Every job with a ``metrics.json`` under ``root`` (a run directory is a one-job study), in path order."""
-    jobs = []
-    for metrics_file in sorted(Path(root).rglob("metrics.json")):
-        job = metrics_file.parent
-        overrides = _yaml(job / ".hydra" / "overrides.yaml") or []
-        config = _yaml(job / ".hydra" / "config.yaml") or {}
-        jobs.append(Job(job, json.loads(metrics_file.read_text()), list(overrides), config))
-    return jobs
+    return [load_job(m.parent) for m in sorted(Path(root).rglob("metrics.json"))]

@@ -65,7 +65,6 @@ class ClassifierModule(pl.LightningModule):
         self.val_metrics = classification_metrics(num_classes).clone(prefix="val/")
         self.test_metrics = classification_metrics(num_classes).clone(prefix="test/")
         self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
-        self.val_acc_history: list[float] = []  # per fitted epoch, for val/acc_best
         self._test_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.test_probs: torch.Tensor | None = None  # (N, C) softmax of the last test run, for per-class reports
         self.test_targets: torch.Tensor | None = None
@@ -107,10 +106,6 @@ class ClassifierModule(pl.LightningModule):
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._eval_step(batch, self.val_loss, self.val_metrics, "val")
-
-    def on_validation_epoch_end(self) -> None:
-        if not self.trainer.sanity_checking and self.trainer.state.fn == "fit":
-            self.val_acc_history.append(float(self.val_metrics["acc"].compute()))
 
     def on_test_epoch_start(self) -> None:
         self._test_outputs = []

@@ -46,7 +46,8 @@ class CentralizedTask:
         metrics: dict[str, Any] = selected_epoch(history.rows, trainer.checkpoint_callback) or scalars(
             trainer.validate(module, datamodule=dm, ckpt_path=ckpt_path, verbose=False)[0])
         if "val/acc" in metrics:
-            metrics["val/acc_best"] = max(module.val_acc_history or [metrics["val/acc"]])
+            fitted = [r["val/acc"] for r in history.rows if "val/acc" in r]  # per validated epoch
+            metrics["val/acc_best"] = max(fitted or [metrics["val/acc"]])
         probs: torch.Tensor | None = None
         if root.evaluate_test:
             metrics.update(scalars(trainer.test(module, datamodule=dm, ckpt_path=ckpt_path, verbose=False)[0]))
