@@ -1,0 +1,197 @@
+"""The reproduction study (python -m bloodfl.reproduce, python -m bloodfl.reproduce.results): every paper's plan
+composes with the real configs at both scales; a tiny synthetic study runs end to end into a CSV and a
+regenerated page; every number in docs/results.md's generated tables is a cell of a committed CSV; bad input
+is one line. One subprocess trains (three fast_dev_run jobs); the rest composes configs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bloodfl.reproduce.__main__ import main as reproduce_main
+from bloodfl.reproduce.plan import expand_jobs, plan
+from bloodfl.reproduce.protocols import PAPERS, SCALES
+from bloodfl.reproduce.results import main as results_main
+from bloodfl.reproduce.results import markers, read_csv, regenerate_page, results
+from tests.conftest import FAST, ROOT, compose_cfg
+
+DOCS = ROOT / "docs"
+NUMBER = re.compile(r"\d+(?:\.\d+)?")
+
+
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("paper_id", sorted(PAPERS))
+def test_every_command_of_the_plan_composes(paper_id: str, scale: str, tmp_path: Path) -> None:
+    """Each job of each command (as Hydra's sweeper expands it) composes with the real configs, on the paper's
+    data set, into the study's own directory."""
+    paper = PAPERS[paper_id]
+    commands = plan(paper, scale, tmp_path / "study", ["paths.data_dir=/data"])
+    assert [c.step.name for c in commands] == [s.name for s in paper.steps if scale in s.scales]
+    for command in commands:
+        assert command.args[-1] == f"hydra.sweep.dir={tmp_path / 'study' / command.step.name}"
+        jobs = expand_jobs(command)
+        assert jobs
+        for job in jobs:
+            cfg = compose_cfg(job, config_name=Path(command.script).stem)
+            assert cfg.dataset.name == paper.dataset
+            assert cfg.paths.data_dir == "/data"
+            if scale == "cpu":
+                assert cfg.model.name in ("resnet18", "paper002_cnn") and cfg.dataset.image_size == 64
+            if command.step.name == "random_split":
+                assert cfg.split.group_by == "none"
+        if command.step.name == "federated_dp":
+            eps = {compose_cfg(j, config_name="federate").dp.target_epsilon for j in jobs}
+            assert eps == {1.0, 3.0, 8.0}
+
+
+def test_dry_run_prints_the_commands_and_the_scale(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert reproduce_main(["001", "--dry-run", "--out", str(tmp_path / "s"), "paths.data_dir=/data"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    commands = [line for line in out if not line.startswith("#")]
+    assert "train.py sweep=alam2025_all " in commands[0]
+    assert any("federate.py" in c and "dp=true" in c and "dp.target_epsilon=1,3,8" in c for c in commands)
+    assert commands[-1] == f"python -m bloodfl.report {tmp_path / 's'}"
+    assert any(line.startswith("# cpu scale: 64 px") for line in out)
+    assert any(line.startswith("# not run (augment_before_split)") for line in out)
+    assert out[-1] == "# 5 job(s) in 3 command(s)"
+    assert not (tmp_path / "s").exists()  # a dry run writes nothing
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["999", "--dry-run"], "unknown paper '999'; valid: 000 (dipto2023_rbc)"),
+    (["000", "--dry-run", "--steps", "nope"], "unknown step 'nope' of papers/000; valid: models"),
+    (["003", "--dry-run", "--scale", "cpu", "--steps", "kfold"], "unknown step 'kfold'"),
+    (["001", "--steps", "models", "dp.target_epsilon=3"], "step models (train.py) does not compose: Could not "
+                                                          "override 'dp.target_epsilon'"),
+])
+def test_bad_input_is_one_line(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        reproduce_main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and len(err.splitlines()) == 1 and message in err
+
+
+def test_results_refuse_a_study_without_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    study = tmp_path / "study"
+    study.mkdir()
+    (study / "study.json").write_text(json.dumps({"paper": "000", "scale": "cpu", "command": "python -m x"}))
+    with pytest.raises(SystemExit) as exc:
+        results_main([str(study), "--docs", str(DOCS)])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and len(err.splitlines()) == 1
+    assert "no finished run (metrics.json)" in err and "python -m x" in err
+    with pytest.raises(SystemExit):
+        results_main([str(tmp_path), "--docs", str(DOCS)])  # no study.json at all
+    assert "not a study" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, Path]:
+    """papers/000's three steps on synthetic data: one batch per stage, one round of two clients."""
+    tmp = tmp_path_factory.mktemp("reproduce")
+    study = tmp / "study"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "BLOODFL_LOGS": str(tmp / "logs"),
+           "BLOODFL_CACHE": str(tmp / "cache")}
+    args = [*FAST, "model=simple_cnn", "trainer.fast_dev_run=true", "evaluation.bootstrap=50", "fl.rounds=1",
+            "fl.num_clients=2"]
+    res = subprocess.run([sys.executable, "-m", "bloodfl.reproduce", "000", "--out", str(study), *args], cwd=tmp,
+                         env=env, capture_output=True, text=True, timeout=600)
+    return res, study
+
+
+def test_tiny_study_runs_every_step_and_ends_in_the_report(tiny_study) -> None:  # noqa: ANN001
+    res, study = tiny_study
+    assert res.returncode == 0, res.stderr[-3000:]
+    for step in ("models", "random_split", "federated"):
+        assert (study / step / "0" / "metrics.json").exists(), step
+    assert (study / "report.md").exists() and (study / "report.csv").exists()
+    record = json.loads((study / "study.json").read_text())
+    assert [s["status"] for s in record["steps"]] == ["done"] * 3
+    assert all(s["wall_s"] > 0 for s in record["steps"])
+    with pytest.raises(SystemExit):  # never into a study that already holds runs
+        reproduce_main(["000", "--out", str(study), *FAST])
+
+
+def test_results_write_the_csv_and_regenerate_only_the_marked_tables(tiny_study, tmp_path: Path) -> None:  # noqa: ANN001
+    res, study = tiny_study
+    assert res.returncode == 0, res.stderr[-3000:]
+    docs = tmp_path / "docs"
+    (docs / "results").mkdir(parents=True)
+    shutil.copy(DOCS / "results" / "published.csv", docs / "results")
+    page = (DOCS / "results.md").read_text()
+    (docs / "results.md").write_text(page.replace(markers("000")[0], "Prose a user wrote.\n\n" + markers("000")[0]))
+    assert results([study], docs) == [docs / "results" / "000.csv"]
+    with open(docs / "results" / "000.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["variant"] for r in rows] == ["models", "random_split", "federated"]
+    metrics = json.loads((study / "models" / "0" / "metrics.json").read_text())
+    assert rows[0]["test_acc"] == f"{100 * metrics['test/acc']:.2f}"
+    assert rows[0]["test_f1_macro_ci95_high"] == f"{100 * metrics['test/f1_macro_ci95_high']:.2f}"
+    assert rows[0]["command"].startswith("python train.py ") and rows[2]["command"].startswith("python federate.py ")
+    assert rows[1]["split"] == "7-2-1, random" and rows[0]["sensitivity"].count("=") == 8
+    text = (docs / "results.md").read_text()
+    assert "Prose a user wrote." in text
+    assert "not run yet: `python -m bloodfl.reproduce 000`" not in text
+    assert "not run yet: `python -m bloodfl.reproduce 001`" in text
+    assert_page_backed_by_csvs(docs)
+    # a second study of the same scale replaces the rows; the page follows
+    results([study], docs)
+    with open(docs / "results" / "000.csv", newline="") as fh:
+        assert len(list(csv.DictReader(fh))) == 3
+
+
+def _region(text: str, paper_id: str) -> str:
+    start, end = markers(paper_id)
+    return text[text.index(start) + len(start):text.index(end)]
+
+
+def _table_body(region: str) -> list[str]:
+    """Table rows of a region without their header and separator lines."""
+    out, previous = [], ""
+    for line in region.splitlines():
+        if line.startswith("|") and not line.startswith("|---") and previous.startswith("|"):
+            out.append(line)
+        previous = line if line.startswith("|") else ""
+    return [line for line in out if not line.startswith("|---")]
+
+
+def assert_page_backed_by_csvs(docs: Path) -> None:
+    text = (docs / "results.md").read_text()
+    published = read_csv(docs / "results" / "published.csv")
+    for paper_id in PAPERS:
+        region = _region(text, paper_id)
+        path = docs / "results" / f"{paper_id}.csv"
+        measured = read_csv(path)
+        mine = [r for r in published if r["paper"] == paper_id] + measured
+        cells = {n for r in mine for v in r.values() for n in NUMBER.findall(v or "")}
+        for line in _table_body(region):
+            missing = set(NUMBER.findall(line)) - cells
+            assert not missing, f"papers/{paper_id}: {sorted(missing)} in {line!r} is in no docs/results CSV row"
+        for r in measured:
+            assert f"`{r['run_id']}`" in region, f"papers/{paper_id}: run {r['run_id']} is not on the page"
+        for r in mine[:len(mine) - len(measured)]:
+            # a per-class value sits on its class's line, any other on its model's
+            label = r["metric"].split("/", 1)[1] if r["metric"].startswith("sensitivity/") else r["model"]
+            assert any(f"| {label} |" in line and r["value"] in line for line in region.splitlines()), r
+        if not measured:
+            assert f"not run yet: `python -m bloodfl.reproduce {paper_id}`" in region
+
+
+def test_committed_page_is_generated_from_committed_csvs(tmp_path: Path) -> None:
+    """docs/results.md's tables are exactly what the CSVs generate, and each number in them is a CSV cell."""
+    docs = tmp_path / "docs"
+    shutil.copytree(DOCS / "results", docs / "results")
+    shutil.copy(DOCS / "results.md", docs / "results.md")
+    regenerate_page(docs)
+    assert (docs / "results.md").read_text() == (DOCS / "results.md").read_text(), \
+        "docs/results.md differs from its CSVs: run python -m bloodfl.reproduce.results --page-only"
+    assert_page_backed_by_csvs(DOCS)
+    assert "docs/results.md" in (ROOT / "README.md").read_text()
