@@ -78,6 +78,13 @@ class Root:
         return bool(self.cfg.get("test", True))
 
     @property
+    def evaluate_on_training_images(self) -> bool:
+        """``evaluation.on_training_images``: ONLY to measure papers/003's flaw (its 99.91% was measured on images
+        it trained on). The selected model is also evaluated on its own training split, under ``train_eval/*``
+        and ``train_eval_*`` files, never under ``test/*``; the held-out test evaluation is unchanged."""
+        return bool(self.cfg.get("evaluation", {}).get("on_training_images", False))
+
+    @property
     def bootstrap_resamples(self) -> int:
         return int(self.cfg.get("evaluation", {}).get("bootstrap", 1000))
 
@@ -350,6 +357,9 @@ class Root:
         if finetune.get("callback"):
             raise BloodflError("finetune=frozen/two_phase is not supported by federate.py (clients train the whole "
                                "network each round); use finetune=full, or train.py for the fine-tuning schemes")
+        if self.evaluate_on_training_images:
+            raise BloodflError("evaluation.on_training_images=true (papers/003's flaw) is implemented for train.py "
+                               "only; federated clients' training images never leave them")
         plan = self.dp_settings()
         if plan is not None and plan.ema is not None:  # docs/privacy.md: a server-side EMA is the planned design
             raise BloodflError("dp.ema (an EMA of the weights) is implemented for train.py only, not yet for "

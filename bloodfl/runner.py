@@ -60,6 +60,8 @@ class Outcome:
     privacies: Sequence[ClientPrivacy] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
     history_x: str = "epoch"
+    # evaluation.on_training_images: the selected model's (probabilities, targets) on its own training split
+    train_eval: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class Task(Protocol):
@@ -103,6 +105,22 @@ def evaluate_test(root: Root, dm: BloodDataModule, out: Path, outcome: Outcome) 
     return ev
 
 
+TRAIN_EVAL = "train_eval"  # metrics.json prefix and file prefix of the evaluation on the training split
+
+
+def evaluate_train_split(root: Root, dm: BloodDataModule, out: Path, outcome: Outcome) -> dict[str, Any]:
+    """evaluation.on_training_images: the selected model on the images it trained on (papers/003's flaw, measured
+    on purpose), as ``train_eval/*`` and ``train_eval_{per_class,confusion_matrix}.csv``/``train_eval_report.txt``:
+    never under a test key or file, so it cannot be mistaken for a held-out result."""
+    if outcome.train_eval is None:
+        return {}
+    log.warning("evaluation.on_training_images=true: train_eval/* ARE MEASURED ON THE MODEL'S OWN TRAINING IMAGES "
+                "(papers/003's flaw, for measuring its size only); they are not a test result, test/* is")
+    ev = evaluate(*outcome.train_eval, list(dm.classes or []), root.bootstrap_resamples, seed=root.seed)
+    ev.write(out, prefix=TRAIN_EVAL)
+    return {**ev.flat(TRAIN_EVAL), f"{TRAIN_EVAL}/confusion_matrix": ev.confusion}
+
+
 def run(cfg: DictConfig, task: Task) -> dict[str, Any]:
     """Run ``task`` inside the skeleton; returns the metrics written to ``metrics.json``."""
     root = Root(cfg)
@@ -128,6 +146,8 @@ def run(cfg: DictConfig, task: Task) -> dict[str, Any]:
             for k, v in ev.flat("test").items():  # the module's own test/* values stay (the same definitions)
                 metrics.setdefault(k, v)
             metrics["test/confusion_matrix"] = ev.confusion
+        metrics.update(evaluate_train_split(root, dm, out, outcome))
+        metrics.update(dm.leakage)  # dataset.copies_before_split: the run says it used the leaky protocol
         figures = write_figures(out, ev, outcome.history, outcome.history_x, root.title())
         publish(loggers, ev, figures)
         if outcome.privacies:

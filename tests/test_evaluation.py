@@ -130,6 +130,71 @@ def test_a_run_writes_figures_predictions_and_a_wandb_run_holding_them(tmp_path:
     assert b"test/acc_ci95_low" in next(run.glob("*.wandb")).read_bytes()  # the scalars are in the run's record
 
 
+def test_evaluation_on_training_images_is_the_training_accuracy_under_its_own_keys(tmp_path: Path) -> None:
+    """papers/003's flaw, measured on purpose: train_eval/* is the selected model's accuracy on exactly its training
+    images (recomputed here from its checkpoint); test/* is the same as without the option."""
+    from bloodfl.compose import Root
+
+    args = [*FAST, "callbacks=default", "trainer.max_epochs=2", "evaluation.bootstrap=50"]
+    clean = train(compose_cfg(args, tmp_path / "clean"))
+    cfg = compose_cfg([*args, "evaluation.on_training_images=true"], tmp_path / "leaky")
+    leaky = train(cfg)
+    for key in [k for k in clean if k.startswith("test/")]:
+        assert leaky[key] == (pytest.approx(clean[key], abs=1e-6) if isinstance(clean[key], float) else clean[key])
+    assert not any(k.startswith("test/") for k in set(leaky) - set(clean))
+    # recompute: the selected checkpoint on the training split, as the test evaluation feeds images
+    root = Root(cfg)
+    dm = root.datamodule()
+    dm.setup("fit")
+    module = root.module(root.network(dm.num_classes), dm.num_classes, dm.class_counts("train"))
+    state = torch.load(leaky["best_checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
+    module.load_state_dict(state)
+    module.eval()
+    train_idx = dm.idx["train"]
+    with torch.no_grad():
+        x = dm.to_float(torch.from_numpy(np.ascontiguousarray(dm.images[train_idx])), train=False)
+        pred = module(x).argmax(1).numpy()
+    assert leaky["train_eval/acc"] == pytest.approx(np.mean(pred == dm.labels[train_idx]), abs=1e-6)
+    support = sum(v for k, v in leaky.items() if k.startswith("train_eval/support/"))
+    assert support == len(train_idx) and "train_eval/acc_ci95_low" in leaky
+    saved = json.loads((tmp_path / "leaky" / "metrics.json").read_text())
+    assert saved["train_eval/acc"] == leaky["train_eval/acc"] and "train_eval/confusion_matrix" in saved
+    for name in ("per_class.csv", "confusion_matrix.csv", "report.txt"):
+        assert (tmp_path / "leaky" / f"train_eval_{name}").exists()
+        assert not (tmp_path / "clean" / f"train_eval_{name}").exists()
+    assert "of the train_eval set" in (tmp_path / "leaky" / "train_eval_report.txt").read_text()
+
+
+def test_federated_runs_refuse_evaluation_on_training_images() -> None:
+    from bloodfl.compose import Root
+
+    cfg = compose_cfg([*FAST, "evaluation.on_training_images=true"], config_name="federate")
+    with pytest.raises(BloodflError, match="evaluation.on_training_images=true .* train.py only"):
+        Root(cfg).check_federated()
+
+
+def test_report_marks_leaky_jobs_and_never_selects_a_leaked_validation(tmp_path: Path) -> None:
+    from bloodfl.report import report
+
+    base = {"task_name": "train", "optimized_metric": "val/acc_best", "model": {"name": "resnet18"},
+            "split": {"name": "7-2-1", "kind": "ratio"}}
+    _fake_job(tmp_path, "0", [], {**base, "dataset": {"name": "pbc"}}, {"val/acc_best": 0.90, "test/acc": 0.9})
+    _fake_job(tmp_path, "1", ["dataset.copies_before_split=[hflip]"],
+              {**base, "dataset": {"name": "pbc", "copies_before_split": ["hflip"]}},
+              {"val/acc_best": 0.99, "test/acc": 0.99})
+    _fake_job(tmp_path, "2", ["evaluation.on_training_images=true"],
+              {**base, "dataset": {"name": "pbc"}, "evaluation": {"on_training_images": True}},
+              {"val/acc_best": 0.91, "test/acc": 0.9, "train_eval/acc": 1.0})
+    result = report(tmp_path)
+    assert result["best"].job.dir.name == "2"  # job 1's validation leaked: it is never the best
+    _, (header, rows) = result["tables"][0]
+    leak, on_train = header.index("leaky protocol, on purpose"), header.index(
+        "accuracy on its training images (not a test result)")
+    assert [r[leak] for r in rows] == ["-", "dataset.copies_before_split=[hflip]", "evaluation.on_training_images=true"]
+    assert [r[on_train] for r in rows] == ["-", "-", "1.0000"]
+    assert "evaluation.on_training_images" not in result["lines"][1]  # federate.py has no such option
+
+
 def _fake_job(root: Path, name: str, overrides: list[str], config: dict, metrics: dict) -> Path:
     job = root / name
     (job / ".hydra").mkdir(parents=True)

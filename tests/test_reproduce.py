@@ -47,6 +47,12 @@ def test_every_command_of_the_plan_composes(paper_id: str, scale: str, tmp_path:
                 assert cfg.model.name in ("resnet18", "paper002_cnn") and cfg.dataset.image_size == 64
             if command.step.name == "random_split":
                 assert cfg.split.group_by == "none"
+            # the options that measure a paper's flaw are on in that step only (and off by default)
+            leaky_copies = command.step.name == "augment_before_split"
+            assert list(cfg.dataset.copies_before_split) == (["hflip", "vflip", "hvflip"] if leaky_copies else [])
+            if leaky_copies:
+                assert cfg.augment.name == "none"  # the paper's copies replace bloodfl's on-the-fly flips
+            assert cfg.evaluation.on_training_images is (command.step.name == "test_on_training_images")
         if command.step.name == "federated_dp":
             eps = {compose_cfg(j, config_name="federate").dp.target_epsilon for j in jobs}
             assert eps == {1.0, 3.0, 8.0}
@@ -60,8 +66,11 @@ def test_dry_run_prints_the_commands_and_the_scale(tmp_path: Path, capsys: pytes
     assert any("federate.py" in c and "dp=true" in c and "dp.target_epsilon=1,3,8" in c for c in commands)
     assert commands[-1] == f"python -m bloodfl.report {tmp_path / 's'}"
     assert any(line.startswith("# cpu scale: 64 px") for line in out)
-    assert any(line.startswith("# not run (augment_before_split)") for line in out)
-    assert out[-1] == "# 5 job(s) in 3 command(s)"
+    # the paper's leaky protocol runs beside the leakage-free one (no gap left)
+    assert any("dataset.copies_before_split=[hflip,vflip,hvflip]" in c and "augment=none" in c for c in commands)
+    assert any(line.startswith("# augment_before_split: ") for line in out)
+    assert not any(line.startswith("# not run") for line in out)
+    assert out[-1] == "# 6 job(s) in 4 command(s)"
     assert not (tmp_path / "s").exists()  # a dry run writes nothing
 
 
@@ -146,6 +155,64 @@ def test_results_write_the_csv_and_regenerate_only_the_marked_tables(tiny_study,
     results([study], docs)
     with open(docs / "results" / "000.csv", newline="") as fh:
         assert len(list(csv.DictReader(fh))) == 3
+
+
+@pytest.mark.parametrize("paper_id, step, option", [
+    ("001", "augment_before_split", "dataset.copies_before_split=[hflip,vflip,hvflip]"),
+    ("003", "test_on_training_images", "evaluation.on_training_images=true"),
+])
+def test_leaky_protocols_are_steps_beside_the_clean_one(paper_id: str, step: str, option: str, tmp_path: Path) -> None:
+    paper = PAPERS[paper_id]
+    assert not paper.gaps and [s.name for s in paper.steps][:2] == ["models", step]
+    for scale in SCALES:
+        by_step = {c.step.name: c for c in plan(paper, scale, tmp_path)}
+        assert option in by_step[step].args and option not in by_step["models"].args
+
+
+def _fake_run(study: Path, step: str, config: dict, metrics: dict) -> None:
+    job = study / step / "0"
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "config.yaml").write_text(json.dumps(config))  # JSON is YAML
+    (job / ".hydra" / "overrides.yaml").write_text("[]")
+    (job / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_flaws_measured_on_purpose_get_their_own_columns_never_test_ones(tmp_path: Path) -> None:
+    """papers/003's train_eval/* and papers/001's leaked share go into their own CSV columns and page columns;
+    the test_* columns keep the held-out test values."""
+    docs = tmp_path / "docs"
+    (docs / "results").mkdir(parents=True)
+    shutil.copy(DOCS / "results" / "published.csv", docs / "results")
+    shutil.copy(DOCS / "results.md", docs / "results.md")
+    base = {"task_name": "train", "model": {"name": "resnet18"}, "dataset": {"name": "pbc"},
+            "split": {"name": "7-2-1", "kind": "ratio"}, "trainer": {"max_epochs": 10}}
+    test = {"test/acc": 0.9, "test/acc_ci95_low": 0.88, "test/acc_ci95_high": 0.92, "epochs": 10}
+    study = tmp_path / "study"
+    _fake_run(study, "models", base, test)
+    _fake_run(study, "test_on_training_images", {**base, "evaluation": {"on_training_images": True}},
+              {**test, "train_eval/acc": 0.995, "train_eval/acc_ci95_low": 0.99, "train_eval/acc_ci95_high": 0.999})
+    (study / "study.json").write_text(json.dumps({"paper": "003", "scale": "cpu", "command": "python -m x",
+                                                  "steps": [{"name": "models"}, {"name": "test_on_training_images"}]}))
+    results([study], docs)
+    rows = read_csv(docs / "results" / "003.csv")
+    assert [r["variant"] for r in rows] == ["models", "test_on_training_images"]
+    assert [r["test_acc"] for r in rows] == ["90.00", "90.00"]
+    assert [r["train_eval_acc"] for r in rows] == ["", "99.50"] and rows[1]["train_eval_acc_ci95_high"] == "99.90"
+    region = _region((docs / "results.md").read_text(), "003")
+    assert "accuracy % on its own training images (not a test result)" in region
+    assert "99.50 (99.00–99.90)" in region and "| 90.00 (88.00–92.00) |" in region
+    assert "flipped copy" not in region and "on its own training images" not in _region(
+        (docs / "results.md").read_text(), "000")
+    # papers/001: the share of test images with a flipped twin in train
+    study1 = tmp_path / "study1"
+    _fake_run(study1, "augment_before_split", {**base, "dataset": {"name": "all_pbs",
+                                                                   "copies_before_split": ["hflip", "vflip"]}},
+              {**test, "data/copies_before_split": "hflip,vflip", "data/leaked_test_fraction": 0.97})
+    (study1 / "study.json").write_text(json.dumps({"paper": "001", "scale": "cpu", "command": "python -m y"}))
+    results([study1], docs)
+    assert read_csv(docs / "results" / "001.csv")[0]["leaked_test"] == "97.00"
+    assert "test images with a flipped copy in train %" in _region((docs / "results.md").read_text(), "001")
+    assert_page_backed_by_csvs(docs)
 
 
 def _region(text: str, paper_id: str) -> str:

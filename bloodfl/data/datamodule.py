@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from bloodfl.data.copies import check_kinds, copy_images, leaked_test_rows, option_text, original_ref, with_copies
 from bloodfl.data.splits import SPLITS, SplitSpec, assert_disjoint, assign_splits
 from bloodfl.data.table import SampleTable
 from bloodfl.errors import BloodflError
@@ -118,6 +119,7 @@ class ArrayDataModule(pl.LightningDataModule):
         mean_std = resolve_normalization(normalize)
         self.images, self.labels = images, labels
         self.idx = {"train": train_idx, "val": val_idx, "test": test_idx}
+        self.predict_split = "test"
         self.batch_size = batch_size
         self.augment = augment
         self.augmult = augmult  # K > 1: K augmented views of each training image, (B, K, C, H, W) (dp.augmult)
@@ -199,6 +201,10 @@ class ArrayDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", False)
 
+    def predict_dataloader(self) -> DataLoader:
+        """``predict_split`` in order, never augmented (evaluation.on_training_images predicts "train")."""
+        return self._loader(self.predict_split, False)
+
     def to_float(self, x: torch.Tensor, train: bool) -> torch.Tensor:
         """uint8 NHWC batch -> normalized float NCHW; augmentation only when ``train``. With ``augmult`` K > 1 a
         training batch becomes (B, K, C, H, W): K independently augmented views of each image."""
@@ -249,6 +255,7 @@ class BloodDataModule(ArrayDataModule):
         self.split: np.ndarray | None = None
         self.report: list[str] = []
         self.split_groups: list[str] | None = None  # the group of each image the split kept whole, if any
+        self.leakage: dict[str, Any] = {}  # what dataset.copies_before_split leaked (empty without it)
 
     def setup(self, stage: str | None = None) -> None:
         if self.table is None:
@@ -278,6 +285,12 @@ class BloodDataModule(ArrayDataModule):
             hashes = [by_ref[r] for r in table.refs]
             if len(table) != before:
                 table.problems.append(f"duplicates ({policy}): {before - len(table)} images removed")
+        originals, kinds = table, self.copy_kinds
+        if kinds:  # papers/001's flaw, on purpose: copies join the table before the split (bloodfl/data/copies.py)
+            self._refuse_kept_copies(kinds)
+            table, source = with_copies(originals, kinds)
+            # a copy's pixels are not its file's bytes: its content key is the file's hash and the flip
+            hashes = [hashes[i] + ref[len(originals.refs[i]):] for i, ref in zip(source, table.refs)]
         groups = self._split_groups(table)
         split = assign_splits(table.labels, self.split_spec, groups=groups,
                               published=table.published_split, classes=table.classes)
@@ -285,20 +298,27 @@ class BloodDataModule(ArrayDataModule):
             assert_disjoint(split, hashes, "an identical image (content hash)")
         if groups is not None:
             assert_disjoint(split, groups, "group")
+        if kinds:  # the check runs and reports the leak the option creates; the option is its acknowledgement
+            table.problems[:0] = assert_disjoint(split, [original_ref(r) for r in table.refs],
+                                              "images (with their flipped copies)", acknowledged_by=option_text(kinds))
         images = table.images
         if images is None:
             from bloodfl.data.decode import load_images
 
-            images, unreadable = load_images(table, int(cfg.image_size), resize=cfg.get("resize", "stretch"),
+            images, unreadable = load_images(originals, int(cfg.image_size), resize=cfg.get("resize", "stretch"),
                                              cache_dir=self.cache_dir)
+            if kinds:
+                images = copy_images(images, kinds)
             if unreadable:
                 table.problems += [f"unreadable, left out: {r}" for r in unreadable]
                 bad = set(unreadable)
-                keep_rows = np.array([r not in bad for r in table.refs])
+                keep_rows = np.array([original_ref(r) not in bad for r in table.refs])  # a copy goes with its file
                 table, images, split = table.subset(np.flatnonzero(keep_rows)), images[keep_rows], split[keep_rows]
         elif images.shape[1] != int(cfg.image_size):
             raise BloodflError(f"source rendered {images.shape[1]} px images, expected dataset.image_size")
         groups = self._split_groups(table)  # of the images kept (unreadable ones were left out above)
+        if kinds:
+            self.leakage = self._copy_leakage(table, split, kinds)
         self.table, self.split, self.images, self.labels = table, split, images, table.labels
         self.split_groups = None if groups is None else list(groups)
         self.classes = list(table.classes)
@@ -314,6 +334,36 @@ class BloodDataModule(ArrayDataModule):
         if len(self.report) > shown:
             log.warning("... and %d more data findings; `python -m bloodfl.data verify %s` lists them all",
                         len(self.report) - shown, cfg.name)
+
+    @property
+    def copy_kinds(self) -> tuple[str, ...]:
+        """``dataset.copies_before_split`` (default []: no copies)."""
+        return check_kinds(self.dataset_cfg.get("copies_before_split"))
+
+    def _refuse_kept_copies(self, kinds: tuple[str, ...]) -> None:
+        """Copies split independently are the flaw being measured; a split that keeps them with their original
+        (by group, or by the published folders) would measure nothing while claiming the leaky protocol."""
+        group_by = self.split_spec.group_by or self.dataset_cfg.get("group_key")
+        keeps = (f"split.group_by={group_by}" if group_by and group_by != "none"
+                 else "dataset.duplicates=group" if self.dataset_cfg.get("duplicates", "drop") == "group"
+                 else "split=published" if self.split_spec.kind == "published" else None)
+        if keeps:
+            raise BloodflError(f"{option_text(kinds)} splits every copy independently (papers/001's flaw), but "
+                               f"{keeps} keeps copies with their original; use a random ratio or k-fold split "
+                               "(split.group_by=none) or drop the option")
+
+    def _copy_leakage(self, table: SampleTable, split: np.ndarray, kinds: tuple[str, ...]) -> dict[str, Any]:
+        """What the leaky protocol did, for the run's metrics.json, and a loud warning in its log."""
+        ids: dict[str, int] = {}
+        source = np.array([ids.setdefault(original_ref(r), len(ids)) for r in table.refs], dtype=np.int64)
+        leaked = leaked_test_rows(split, source)
+        n_test = int((split == "test").sum())
+        log.warning("%s: THIS RUN LEAKS ON PURPOSE. Flipped copies were added before the split (papers/001's "
+                    "flaw, for measuring its size only): %d of %d test images have their original or a copy in "
+                    "the training split; its test and validation metrics are NOT held-out results.",
+                    option_text(kinds), len(leaked), n_test)
+        return {"data/copies_before_split": ",".join(kinds), "data/leaked_test_images": len(leaked),
+                "data/leaked_test_fraction": len(leaked) / max(n_test, 1)}
 
     def _split_groups(self, table: SampleTable) -> list[str] | None:
         group_by = self.split_spec.group_by or self.dataset_cfg.get("group_key")

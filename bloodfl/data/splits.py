@@ -165,10 +165,26 @@ def assign_splits(
     return out
 
 
-def assert_disjoint(split: np.ndarray, keys: Sequence[str], what: str) -> None:
-    """Fail when one key (a content hash or a group id) occurs in two splits: that is leakage."""
-    seen: dict[str, str] = {}
+def shared_across_splits(split: np.ndarray, keys: Sequence[str]) -> dict[str, list[str]]:
+    """Each key (a content hash, a group id) that occurs in more than one split, with those splits."""
+    seen: dict[str, list[str]] = {}
     for s, k in zip(split, keys):
-        other = seen.setdefault(k, s)
-        if other != s:
-            raise BloodflError(f"leakage: {what} {k!r} is in both {other!r} and {s!r} splits")
+        splits = seen.setdefault(k, [])
+        if str(s) not in splits:
+            splits.append(str(s))
+    return {k: v for k, v in seen.items() if len(v) > 1}
+
+
+def assert_disjoint(split: np.ndarray, keys: Sequence[str], what: str, acknowledged_by: str | None = None) -> list[str]:
+    """Fail when one key (a content hash or a group id) occurs in two splits: that is leakage.
+
+    ``acknowledged_by`` names an option that creates this leakage on purpose (to measure a paper's flaw): then
+    the check still runs, but reports what it found (one line, returned) instead of refusing the run."""
+    shared = shared_across_splits(split, keys)
+    if not shared:
+        return []
+    k, splits = next(iter(shared.items()))
+    if acknowledged_by is None:
+        raise BloodflError(f"leakage: {what} {k!r} is in both {splits[0]!r} and {splits[1]!r} splits")
+    return [f"LEAKAGE ON PURPOSE ({acknowledged_by}): {what} in more than one split: {len(shared)} "
+            f"(e.g. {k!r} in {' and '.join(splits)})"]

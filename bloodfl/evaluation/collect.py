@@ -47,6 +47,22 @@ class Job:
     def is_fold(self) -> bool:
         return self.setting("split.kind") == "kfold"
 
+    @property
+    def leaky_options(self) -> list[str]:
+        """The options that exist only to measure a paper's flaw, as this job set them (empty for a clean job)."""
+        out = []
+        copies = self.setting("dataset.copies_before_split") or []
+        if copies:  # papers/001: copies split independently, so its test and validation images leak
+            out.append(f"dataset.copies_before_split=[{','.join(str(c) for c in copies)}]")
+        if self.setting("evaluation.on_training_images"):  # papers/003: train_eval/* measured on training images
+            out.append("evaluation.on_training_images=true")
+        return out
+
+    @property
+    def leaks_validation(self) -> bool:
+        """Whether its validation images leaked (copies before the split): such a job cannot be selected."""
+        return bool(self.setting("dataset.copies_before_split"))
+
     def figures(self) -> list[Path]:
         return sorted((self.dir / "figures").glob("*.png"))
 

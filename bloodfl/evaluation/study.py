@@ -21,8 +21,13 @@ METRICS = (
     ("test/f1_macro", "F1 (macro)", True),
     ("test/auroc_macro", "AUC (macro)", True),
 )
+# evaluation.on_training_images (papers/003's flaw): the selected model's accuracy on its own training images
+TRAIN_EVAL_ACC = "train_eval/acc"
+TRAIN_EVAL_TITLE = "accuracy on its training images (not a test result)"
+LEAKY_TITLE = "leaky protocol, on purpose"
 # overrides that only make sense for centralized training; the rest of a job's command line carries over
-NOT_FEDERATED = ("trainer.max_epochs", "callbacks", "optimized_metric", "hydra.", "split.fold")
+NOT_FEDERATED = ("trainer.max_epochs", "callbacks", "optimized_metric", "hydra.", "split.fold",
+                 "evaluation.on_training_images")
 
 
 @dataclass
@@ -44,8 +49,9 @@ def selection_metric(jobs: list[Job], metric: str | None = None) -> str:
 
 def select_best(jobs: list[Job], metric: str) -> Selection:
     """The job with the best ``metric`` (lower is better for losses); ties go to the first job in path order."""
-    scored = [(j, float(j.metrics[metric])) for j in jobs
-              if isinstance(j.metrics.get(metric), (int, float)) and not math.isnan(float(j.metrics[metric]))]
+    # a job whose validation images leaked on purpose (dataset.copies_before_split) would win by its leak
+    scored = [(j, float(j.metrics[metric])) for j in jobs if not j.leaks_validation
+              and isinstance(j.metrics.get(metric), (int, float)) and not math.isnan(float(j.metrics[metric]))]
     if not scored:
         return Selection(metric, None, None)
     sign = -1.0 if "loss" in metric else 1.0
@@ -72,6 +78,10 @@ def job_name(job: Job, root_depth: int) -> str:
 def job_rows(jobs: list[Job], best: Selection, root_depth: int) -> tuple[list[str], list[list[str]]]:
     header = ["job", "task", "model", "data set", "split", *(t for _, t, _ in METRICS), best.metric, "parameters",
               "images/s", "fit time (s)", "ε"]
+    # columns only where a job measured a paper's flaw on purpose, so it is never read as a held-out result
+    train_eval = any(TRAIN_EVAL_ACC in j.metrics for j in jobs)
+    leaky = any(j.leaky_options for j in jobs)
+    header += [TRAIN_EVAL_TITLE] * train_eval + [LEAKY_TITLE] * leaky
     rows = []
     for job in jobs:
         params = job.metrics.get("model/params")
@@ -80,7 +90,9 @@ def job_rows(jobs: list[Job], best: Selection, root_depth: int) -> tuple[list[st
                      *(cell(job, key, ci) for key, _, ci in METRICS), _fmt(job.metrics.get(best.metric)),
                      f"{params / 1e6:.2f}M" if isinstance(params, (int, float)) else "-",
                      _fmt(job.metrics.get("time/images_per_s"), 1), _fmt(job.metrics.get("time/fit_s"), 1),
-                     _fmt(job.metrics.get("dp/epsilon"), 2)])
+                     _fmt(job.metrics.get("dp/epsilon"), 2),
+                     *[cell(job, TRAIN_EVAL_ACC, True)] * train_eval,
+                     *["; ".join(job.leaky_options) or "-"] * leaky])
     return header, rows
 
 

@@ -30,8 +30,13 @@ STUDY_FILE = "study.json"
 DOCS = ROOT / "docs"
 COLUMNS = ["paper", "scale", "variant", "protocol", "task", "model", "dataset", "split", "image_size", "epochs",
            "target_epsilon", "epsilon", "test_acc", "test_acc_ci95_low", "test_acc_ci95_high", "test_f1_macro",
-           "test_f1_macro_ci95_low", "test_f1_macro_ci95_high", "sensitivity", "fit_s", "step_wall_s", "study_wall_s",
-           "study_command", "command", "run_id"]
+           "test_f1_macro_ci95_low", "test_f1_macro_ci95_high",
+           # the two flaws measured on purpose, never in a test_* column: evaluation.on_training_images (papers/003)
+           # gives the selected model's scores on its own training images; dataset.copies_before_split (papers/001)
+           # the share of test images with a flipped copy (or their original) in the training split
+           "train_eval_acc", "train_eval_acc_ci95_low", "train_eval_acc_ci95_high", "train_eval_f1_macro",
+           "train_eval_f1_macro_ci95_low", "train_eval_f1_macro_ci95_high", "leaked_test",
+           "sensitivity", "fit_s", "step_wall_s", "study_wall_s", "study_command", "command", "run_id"]
 Row = dict[str, str]
 
 
@@ -88,8 +93,9 @@ def job_row(study: Path, record: dict[str, Any], job: Job) -> Row:
         "dataset": job.dataset, "split": _split(job), "image_size": _image_size(job), "epochs": _epochs(job),
         "target_epsilon": _num(job.setting("dp.target_epsilon"), 1) if dp else "",
         "epsilon": _num(m.get("dp/epsilon"), 2) if dp else "",
-        **{f"test_{k}{s}": _pct(m.get(f"test/{k}{s}")) for k in ("acc", "f1_macro")
-           for s in ("", "_ci95_low", "_ci95_high")},
+        **{f"{split}_{k}{s}": _pct(m.get(f"{split}/{k}{s}")) for split in ("test", "train_eval")
+           for k in ("acc", "f1_macro") for s in ("", "_ci95_low", "_ci95_high")},
+        "leaked_test": _pct(m.get("data/leaked_test_fraction")),
         "sensitivity": sens, "fit_s": _num(m.get("time/fit_s"), 0), "step_wall_s": _num(step.get("wall_s"), 0),
         "study_wall_s": _num(sum(float(s.get("wall_s") or 0) for s in record.get("steps", [])), 0),
         "study_command": str(record.get("command", "")),
@@ -168,12 +174,19 @@ def measured_tables(rows: list[Row]) -> list[str]:
                    [[r["scale"], sid, f"`{r['study_command']}`", r["study_wall_s"] or "-"]
                     for sid, r in studies.items()])
     lines.append("")
+    # columns of a flaw measured on purpose, only where a study measured one (the other papers' tables keep theirs)
+    on_train = any(r.get("train_eval_acc") for r in rows)
+    leaked = any(r.get("leaked_test") for r in rows)
     body = [[r["protocol"], r["model"], r["split"], r["scale"], f"{r['image_size']} px, {r['epochs']}",
              f"{r['target_epsilon']} → {r['epsilon']}" if r["target_epsilon"] else "∞" if r["task"] == "federate"
-             else "-", _with_ci(r, "test_acc"), _with_ci(r, "test_f1_macro"), r["fit_s"] or "-", f"`{r['run_id']}`"]
+             else "-", _with_ci(r, "test_acc"), _with_ci(r, "test_f1_macro"),
+             *[_with_ci(r, "train_eval_acc") if r.get("train_eval_acc") else "-"] * on_train,
+             *[r.get("leaked_test") or "-"] * leaked, r["fit_s"] or "-", f"`{r['run_id']}`"]
             for r in rows]
     lines += _table(["variant", "model", "split", "scale", "size, epochs", "ε (target → spent)",
-                     "accuracy % (95% CI)", "macro F1 % (95% CI)", "fit s", "run"], body)
+                     "accuracy % (95% CI)", "macro F1 % (95% CI)",
+                     *["accuracy % on its own training images (not a test result)"] * on_train,
+                     *["test images with a flipped copy in train %"] * leaked, "fit s", "run"], body)
     return lines
 
 

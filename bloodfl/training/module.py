@@ -119,6 +119,12 @@ class ClassifierModule(pl.LightningModule):
         self.test_targets = torch.cat([t for _, t in self._test_outputs])
         self._test_outputs = []
 
+    def predict_step(self, batch: Any, batch_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(softmax probabilities, targets) of a batch; nothing is logged (a split other than test is never
+        reported under test/*)."""
+        x, y = batch
+        return self(x).softmax(1).detach().cpu(), y.detach().cpu()
+
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.parameters())
         if self.privacy is not None:

@@ -58,8 +58,15 @@ class CentralizedTask:
         metrics["time/fit_s"] = fit_seconds
         # images through the training step per second, validation included in the time (what a user waits for)
         metrics["time/images_per_s"] = len(dm.idx["train"]) * len(history.rows) / max(fit_seconds, 1e-9)
+        train_eval = None
+        if root.evaluate_on_training_images:  # papers/003's flaw, on purpose: the runner reports it as train_eval/*
+            dm.predict_split = "train"
+            batches = trainer.predict(module, datamodule=dm, ckpt_path=ckpt_path)
+            dm.predict_split = "test"
+            train_eval = (torch.cat([p for p, _ in batches]), torch.cat([t for _, t in batches]))
         return Outcome(metrics, probs, module.test_targets if probs is not None else None,
-                       [privacy] if privacy is not None else [], history=history.rows, history_x="epoch")
+                       [privacy] if privacy is not None else [], history=history.rows, history_x="epoch",
+                       train_eval=train_eval)
 
 
 def selected_epoch(rows: list[dict[str, Any]], checkpoint: ModelCheckpoint | None) -> dict[str, float] | None:
