@@ -221,6 +221,8 @@ class Root:
                                                         plan.model_mode)
             for change in changes:
                 log.info("dp: %s", change)
+            if self.cfg.model.name == "dp_cnn":
+                log.info("dp: model dp_cnn is dp=true's default (docs/privacy.md); model=<name> trains another")
             log.info("dp: per-sample gradients by %s",
                      "ghost clipping" if self._dp_mode == "ghost" else "per-sample hooks")
         return net
@@ -338,6 +340,11 @@ class Root:
         """The dp settings as given, for privacy.json."""
         out = OmegaConf.to_container(self.cfg.dp, resolve=True)
         assert isinstance(out, dict)
+        # the rest of the recipe, as run (dp=true's defaults or what the command line gave)
+        out["model"] = self.cfg.model.name
+        out["optim.lr"] = self.cfg.optim.lr
+        if "fl" in self.cfg:
+            out["fl.local_epochs"] = self.cfg.fl.local_epochs
         if "fl" in self.cfg:  # what else the server learns about each client: declared public metadata
             out["fl.weighting"] = "examples (clients' counts sent to the server, not protected by DP)" \
                 if self.release_counts() else "uniform (counts stay with the clients)"

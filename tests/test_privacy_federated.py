@@ -17,7 +17,8 @@ from tests.conftest import compose_cfg, run_cli, shared_data_dir
 
 BATCH = 8
 FL_DP = ["dataset=synthetic", "dataset.image_size=16", "dataset.source.n_per_class=16", f"loader.batch_size={BATCH}",
-         "logger=csv", "fl.num_clients=3", "dp='true'"]
+         "logger=csv", "fl.num_clients=3", "dp='true'",
+         "dp.expected_batch_size=null"]  # Poisson batches of loader.batch_size: the counts below follow from BATCH
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -112,13 +113,14 @@ def test_privacy_json_alone_reproduces_epsilon(task: str, k: int, recipes: list[
 
     if task == "federate":  # 94 training images, 1 held out locally: 93 batches of 1
         args = ["dataset=synthetic", "dataset.image_size=16", "dataset.source.n_per_class=17", "loader.batch_size=1",
-                "fl.num_clients=1", "fl.val_fraction=0.01", "fl.rounds=2", "logger=csv"]
+                "fl.num_clients=1", "fl.val_fraction=0.01", "fl.rounds=2", "fl.local_epochs=1", "logger=csv"]
         run = lambda cfg: federate(cfg)  # noqa: E731
     else:  # 100 training images in batches of 8: 12 batches
         args = ["dataset=synthetic", "dataset.image_size=16", "dataset.source.n_per_class=18", "loader.batch_size=8",
                 "trainer.max_epochs=2", "logger=csv", "callbacks=none", *recipes]
         run = train
-    run(compose_cfg([*args, "model=simple_cnn", "dp='true'", "dp.target_epsilon=3.0"], tmp_path, task))
+    batch = [] if recipes else ["dp.expected_batch_size=null"]  # k above counts loader batches
+    run(compose_cfg([*args, "model=simple_cnn", "dp='true'", "dp.target_epsilon=3.0", *batch], tmp_path, task))
     doc = json.loads((tmp_path / "privacy.json").read_text())
     for client in doc["clients"]:
         assert client["steps_per_epoch"] == k and client["sample_rate"] == pytest.approx(1 / k, rel=1e-12)

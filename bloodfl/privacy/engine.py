@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import logging
 import math
 import secrets
 import warnings
@@ -51,7 +52,12 @@ from bloodfl.privacy.compat import check_private, make_dp_compatible
 from bloodfl.privacy.norms import ghost_norm_samplers, hooks_grad_samplers
 
 MODES = ("auto", "ghost", "hooks")
+log = logging.getLogger(__name__)
+
 CLIPPINGS = ("flat", "automatic")
+# dp.* keys that set other groups' defaults under dp=true (optim.lr, fl.local_epochs; conf/dp/true.yaml): not
+# DP-SGD settings; privacy.json records the values the run used (Root.dp_record)
+OUTSIDE_DP_SGD = ("lr", "local_epochs")
 AUTOMATIC_CLIP_GAMMA = 0.01  # Bu et al. 2023's stability constant: factor C / (||g|| + gamma)
 
 # Opacus' hooks see module outputs only (images do not require grad); PyTorch says so on every step
@@ -113,9 +119,10 @@ class DPSettings:
         plain loader's batches per epoch (so the expected Poisson batch is ``loader.batch_size``)."""
         if self.expected_batch_size is None:
             return loader_steps
-        if self.expected_batch_size > num_samples:
-            raise BloodflError(f"dp.expected_batch_size={self.expected_batch_size} exceeds the {num_samples} "
-                               "training images; lower it (or null: loader.batch_size)")
+        if self.expected_batch_size > num_samples:  # a small client: every step samples all its images (q = 1)
+            log.warning("dp.expected_batch_size=%d exceeds the %d training images: full-batch steps (sample rate "
+                        "1), recorded in privacy.json", self.expected_batch_size, num_samples)
+            return 1
         return max(1, num_samples // self.expected_batch_size)
 
     @property
@@ -129,7 +136,7 @@ class DPSettings:
         if cfg is None or not cfg.get("enabled", False):
             return None
         known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(cfg) - known - {"enabled"})
+        unknown = sorted(set(cfg) - known - {"enabled", *OUTSIDE_DP_SGD})
         if unknown:
             raise BloodflError(f"unknown dp setting(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
         return cls(**{k: cfg[k] for k in known if k in cfg})

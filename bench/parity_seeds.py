@@ -1,0 +1,110 @@
+"""Issue #8's accuracy targets are means over seeds: summarise ``bench_vs_plain.py`` runs made with different seeds.
+
+Each DIR is a ``bench_vs_plain.py --out DIR --seed S`` results folder (one seed each; run them one after another,
+or on several machines). Writes into ``--out``: ``parity_seeds.md`` (per seed and mean: final test accuracy of the
+plain loop, train.py and federate.py, the gaps the targets are about, and wall/CPU ratios) and
+``parity_seeds.png`` (validation accuracy per epoch/round, the mean over seeds as a line, each seed faint).
+
+    for s in 1 2 3; do python bench/bench_vs_plain.py --data-dir ../shared/data --epochs 10 --rounds 10 \\
+        --repeats 1 --seed $s --out logs/parity/all_pbs_s$s; done
+    python bench/parity_seeds.py logs/parity/all_pbs_s* --out docs                # docs/parity.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+VARIANTS = {"plain": ("tab:gray", "plain PyTorch loop"), "train": ("tab:blue", "train.py"),
+            "federate": ("tab:orange", "federate.py (IID clients, per round)")}
+
+
+def load(dirs: list[Path]) -> list[dict[str, Any]]:
+    runs = []
+    for d in dirs:
+        res = json.loads((d / "results.json").read_text())
+        first = res["repeats"][0]  # the accuracy of a seed is deterministic: every repeat gives the same curve
+        runs.append({"seed": res["settings"]["seed"], "settings": res["settings"], "median": res["median"],
+                     **{k: first[k] for k in VARIANTS if k in first}})
+    sets = {json.dumps({k: v for k, v in r["settings"].items() if k not in ("seed", "out", "repeats")},
+                       sort_keys=True) for r in runs}
+    if len(sets) > 1:
+        raise SystemExit("the folders were run with different settings (other than --seed); summarise alike runs")
+    return sorted(runs, key=lambda r: r["seed"])
+
+
+def table(runs: list[dict[str, Any]]) -> str:
+    kinds = [k for k in VARIANTS if all(k in r for r in runs)]
+    head = ["seed", *(f"{k} test acc %" for k in kinds)]
+    gaps = []
+    if {"plain", "train"} <= set(kinds):
+        gaps.append(("train − plain", "train", "plain"))
+    if {"plain", "federate"} <= set(kinds):
+        gaps.append(("federate − plain", "federate", "plain"))
+    if {"train", "federate"} <= set(kinds):
+        gaps.append(("federate − train", "federate", "train"))
+    ratios = [k for k in ("train/plain wall", "train/plain cpu", "federate/plain wall", "federate/plain cpu")
+              if all(r["median"].get(k) is not None for r in runs)]
+    head += [f"{g[0]} (points)" for g in gaps] + ratios
+    rows = []
+    for r in runs:
+        acc = {k: 100 * r[k]["test/acc"] for k in kinds}
+        rows.append([str(r["seed"]), *(f"{acc[k]:.2f}" for k in kinds),
+                     *(f"{acc[a] - acc[b]:+.2f}" for _, a, b in gaps), *(f"{r['median'][k]:.2f}" for k in ratios)])
+    mean = ["**mean**"]
+    for k in kinds:
+        mean.append(f"**{statistics.mean(100 * r[k]['test/acc'] for r in runs):.2f}**")
+    for _, a, b in gaps:
+        mean.append(f"**{statistics.mean(100 * (r[a]['test/acc'] - r[b]['test/acc']) for r in runs):+.2f}**")
+    mean += [f"**{statistics.median(r['median'][k] for r in runs):.2f}** (median)" for k in ratios]
+    rows.append(mean)
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def plot(path: Path, runs: list[dict[str, Any]]) -> None:
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend
+    from matplotlib.ticker import MaxNLocator
+
+    s = runs[0]["settings"]
+    fig = Figure(figsize=(6.4, 3.8), layout="constrained")
+    ax = fig.subplots()
+    for kind, (color, label) in VARIANTS.items():
+        curves = [r[kind]["val_acc"] for r in runs if kind in r]
+        if not curves:
+            continue
+        n = min(len(c) for c in curves)
+        for c in curves:
+            ax.plot(range(1, n + 1), c[:n], color=color, alpha=0.25, lw=1)
+        ax.plot(range(1, n + 1), [statistics.mean(c[i] for c in curves) for i in range(n)], color=color,
+                marker="o", ms=3, label=f"{label}, mean of {len(curves)} seeds")
+    ax.set(xlabel="epoch / round", ylabel="validation accuracy",
+           title=f"{s['dataset']}, {s['model']}, {s['image_size']} px (faint: each seed)")
+    ax.grid(alpha=0.3)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(fontsize=8, loc="lower right")
+    fig.savefig(path, dpi=80)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("dirs", nargs="+", type=Path, help="bench_vs_plain.py --out folders, one seed each")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--name", default=None, help="file stem (default parity_<dataset>_seeds)")
+    a = p.parse_args()
+    runs = load(a.dirs)
+    stem = a.name or f"parity_{runs[0]['settings']['dataset']}_seeds"
+    a.out.mkdir(parents=True, exist_ok=True)
+    md = table(runs)
+    (a.out / f"{stem}.md").write_text(md + "\n")
+    plot(a.out / f"{stem}.png", runs)
+    print(md)
+    print(f"wrote {a.out / (stem + '.md')} and {a.out / (stem + '.png')}")
+
+
+if __name__ == "__main__":
+    main()
