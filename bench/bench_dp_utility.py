@@ -52,8 +52,10 @@ def overrides(dataset: str, setting: str, epsilon: float, a: argparse.Namespace,
             f"loader.batch_size={a.batch_size}", f"seed={seed}", "logger=csv", *extra]
     if setting == "centralized":
         args.append(f"trainer.max_epochs={a.epochs}")
-    else:
-        args += [f"fl.num_clients={a.clients}", f"fl.rounds={a.rounds}", f"fl.local_epochs={a.local_epochs}"]
+    else:  # local epochs: dp=true's recipe (3) under DP, 1 without, unless --local-epochs
+        args += [f"fl.num_clients={a.clients}", f"fl.rounds={a.rounds}"]
+        if a.local_epochs is not None:
+            args.append(f"fl.local_epochs={a.local_epochs}")
     if a.quick:
         args += QUICK
     if math.isinf(epsilon):
@@ -159,11 +161,11 @@ def main() -> None:
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     p.add_argument("--epsilons", nargs="+", type=float, default=[1.0, 3.0, 8.0, math.inf], help="inf: no DP")
     p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--model", default="simple_cnn")
+    p.add_argument("--model", default="dp_cnn", help="one model for every ε, so the curve compares like with like")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--epochs", type=int, default=10, help="centralized epochs")
     p.add_argument("--rounds", type=int, default=10)
-    p.add_argument("--local-epochs", type=int, default=1)
+    p.add_argument("--local-epochs", type=int, default=None, help="default: what each run's config gives")
     p.add_argument("--clients", type=int, default=5)
     p.add_argument("--repeats", type=int, default=1, help="seeds per point (medians reported)")
     p.add_argument("--quick", action="store_true", help="tiny scale: few epochs/rounds, a subset of each split")
