@@ -38,7 +38,7 @@ def test_dp_clients_keep_accountants_across_resume(tmp_path: Path, monkeypatch: 
     real_fit = FLClient.fit
 
     def fit_then_die(self: FLClient, weights: dict, server_round: int, config: dict) -> object:
-        if server_round == 2:
+        if server_round == 2 and self.cid == 1:  # client 0 has finished (and logged) round 2 already
             raise KeyboardInterrupt
         return real_fit(self, weights, server_round, config)
 
@@ -54,6 +54,9 @@ def test_dp_clients_keep_accountants_across_resume(tmp_path: Path, monkeypatch: 
     again = json.loads((broken / "privacy.json").read_text())
     assert [c["epsilon"] for c in again["clients"]] == [c["epsilon"] for c in privacy["clients"]]
     assert [c["steps"] for c in again["clients"]] == [c["steps"] for c in privacy["clients"]]
+    for c in (0, 1):  # each client's own log: one row per round, the repeated round's row replaced
+        logged = (broken / "clients" / f"client{c}.csv").read_text().splitlines()
+        assert [r.split(",")[0] for r in logged] == ["round", *map(str, range(1, len(eps[c]) + 1))]
 
 
 def test_only_the_update_leaves_a_private_client(tmp_path: Path) -> None:

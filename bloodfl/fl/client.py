@@ -172,12 +172,14 @@ class FLClient:
         if self.local_log is None:
             return
         self.local_log.parent.mkdir(parents=True, exist_ok=True)
-        new = not self.local_log.exists()
-        with open(self.local_log, "a", newline="") as fh:
+        kept: list[dict[str, str]] = []
+        if self.local_log.exists():  # a resumed run repeats the interrupted round: its old row goes
+            with open(self.local_log, newline="") as fh:
+                kept = [r for r in csv.DictReader(fh) if int(r["round"]) < server_round]
+        with open(self.local_log, "w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=["round", *LOCAL_METRICS], extrasaction="ignore")
-            if new:
-                w.writeheader()
-            w.writerow({"round": server_round, **metrics})
+            w.writeheader()
+            w.writerows([*kept, {"round": server_round, **metrics}])
 
     def state_dict(self) -> dict[str, Any]:
         """Client state that lives across rounds (the privacy accountant); saved in every round checkpoint."""
