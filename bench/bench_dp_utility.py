@@ -13,6 +13,7 @@ DP-SGD recipes (docs/privacy.md) pass through to the DP runs with ``--extra``; o
     python bench/bench_dp_utility.py docs/bench/dp_utility                     # the full grid (hours on a GPU)
     python bench/bench_dp_utility.py /tmp/dpu --extra dp.ema=0.999 dp.augmult=4 augment=flips
     python bench/bench_dp_utility.py /tmp/dpu --quick                           # tiny scale: proves the pipeline
+    python bench/bench_dp_utility.py /tmp/dpu8 --epsilons 8 --with /tmp/dpu     # one more point, table of all
 
 ``--quick``: 2 epochs / 2 rounds of 1 local epoch, 5 training batches per epoch, 2 validation and 5 test batches
 (a subset of each split): numbers that mean nothing, in minutes on a CPU. The noise is still calibrated for full
@@ -78,6 +79,16 @@ def run_one(script: str, args: list[str], env: dict[str, str], out: Path) -> dic
     privacy = out / "privacy.json"
     row["epsilon_spent"] = json.loads(privacy.read_text())["worst"]["epsilon"] if privacy.exists() else None
     return row
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows an earlier run of this benchmark wrote (numbers back from text; empty cells as None)."""
+    numeric = ("epsilon", "epsilon_spent", "test/acc", "test/acc_ci95_low", "test/acc_ci95_high", "test/f1_macro",
+               "wall_s")
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    return [{k: (float(v) if k in numeric and v not in ("", None) else (v or None)) for k, v in r.items()}
+            for r in rows]
 
 
 def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -169,6 +180,8 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=5)
     p.add_argument("--repeats", type=int, default=1, help="seeds per point (medians reported)")
     p.add_argument("--quick", action="store_true", help="tiny scale: few epochs/rounds, a subset of each split")
+    p.add_argument("--with", dest="earlier", nargs="*", type=Path, default=[],
+                   help="output folders of earlier runs of this benchmark: their rows join the table and plot")
     p.add_argument("--extra", nargs="*", default=[], help="overrides: dp.* for the DP runs, others for every run")
     a = p.parse_args()
     if a.quick:
@@ -199,7 +212,7 @@ def main() -> None:
                         w = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
                         w.writeheader()
                         w.writerows(rows)
-    summary = summarize(rows)
+    summary = summarize([*rows, *(r for d in a.earlier for r in read_rows(d / "dp_utility.csv"))])
     write_markdown(a.out / "dp_utility.md", summary, command)
     plot(a.out / "dp_utility.png", summary)
     plain = [{**s, "epsilon": "inf" if math.isinf(s["epsilon"]) else s["epsilon"]} for s in summary]  # valid JSON
