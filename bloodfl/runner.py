@@ -30,6 +30,7 @@ from bloodfl.data.datamodule import BloodDataModule
 from bloodfl.data.preprocessing import PREPROCESSING_FILE, save_preprocessing
 from bloodfl.errors import BloodflError
 from bloodfl.evaluation.figures import write_figures
+from bloodfl.evaluation.learned import no_better_than_majority
 from bloodfl.evaluation.metrics import Evaluation, evaluate, write_predictions
 from bloodfl.evaluation.publish import publish
 from bloodfl.privacy.engine import ClientPrivacy
@@ -121,6 +122,15 @@ def evaluate_train_split(root: Root, dm: BloodDataModule, out: Path, outcome: Ou
     return {**ev.flat(TRAIN_EVAL), f"{TRAIN_EVAL}/confusion_matrix": ev.confusion}
 
 
+def learned_check(dm: BloodDataModule, metrics: dict[str, Any]) -> str | None:
+    """The warning for a model no better than the majority class on validation (None otherwise)."""
+    acc = metrics.get("val/acc_best", metrics.get("val/acc"))
+    val = dm.idx.get("val")
+    if not isinstance(acc, (int, float)) or val is None or len(val) == 0:
+        return None
+    return no_better_than_majority(float(acc), dm.class_counts("val"), list(dm.classes or []))
+
+
 def run(cfg: DictConfig, task: Task) -> dict[str, Any]:
     """Run ``task`` inside the skeleton; returns the metrics written to ``metrics.json``."""
     root = Root(cfg)
@@ -141,6 +151,9 @@ def run(cfg: DictConfig, task: Task) -> dict[str, Any]:
             lg.log_hyperparams(root.config_dict())
         outcome = task.run(RunContext(root, out, dm, loggers))
         metrics = dict(outcome.metrics)
+        not_learned = learned_check(dm, metrics)
+        if not_learned is not None:
+            log.warning(not_learned)
         ev = evaluate_test(root, dm, out, outcome)
         if ev is not None:
             for k, v in ev.flat("test").items():  # the module's own test/* values stay (the same definitions)
@@ -162,6 +175,8 @@ def run(cfg: DictConfig, task: Task) -> dict[str, Any]:
     shown = " ".join(f"{k}={metrics[k]:.4f}" for k in ("test/acc", "test/f1_macro", "val/acc") if k in metrics)
     if outcome.privacies:
         shown += " " + privacy_summary(outcome.privacies)
+    if not_learned is not None:
+        shown += " WARNING: no better than the majority class (see the log)"
     log.info("outputs in %s %s", out, shown)
     print(f"Done: outputs in {out} {shown}")
     return metrics
