@@ -18,9 +18,9 @@ import pytest
 
 from bloodfl.reproduce.__main__ import main as reproduce_main
 from bloodfl.reproduce.plan import expand_jobs, plan
-from bloodfl.reproduce.protocols import PAPERS, SCALES
+from bloodfl.reproduce.protocols import PAPERS, SCALES, TARGETS, Target
 from bloodfl.reproduce.results import main as results_main
-from bloodfl.reproduce.results import markers, read_csv, regenerate_page, results
+from bloodfl.reproduce.results import markers, read_csv, regenerate_page, results, target_row, targets_table
 from tests.conftest import FAST, ROOT, compose_cfg
 
 DOCS = ROOT / "docs"
@@ -271,3 +271,28 @@ def test_committed_page_is_generated_from_committed_csvs(tmp_path: Path) -> None
         "docs/results.md differs from its CSVs: run python -m bloodfl.reproduce.results --page-only"
     assert_page_backed_by_csvs(DOCS)
     assert "docs/results.md" in (ROOT / "README.md").read_text()
+
+
+def _row(variant: str, model: str, val: str, test: str, run: str, scale: str = "cpu") -> dict[str, str]:
+    return {"scale": scale, "variant": variant, "model": model, "val_acc": val, "test_acc": test,
+            "test_acc_ci95_low": "", "test_acc_ci95_high": "", "run_id": run}
+
+
+def test_a_target_reads_the_model_chosen_by_validation_never_by_test() -> None:
+    level = Target("002", "wbc4", "models", 90.0)
+    rows = [_row("models", "resnet18", "95.0", "88.0", "s/models/0"),
+            _row("models", "paper002_cnn", "90.0", "91.0", "s/models/1"),  # better on test, worse on validation
+            _row("models", "xception", "99.0", "99.9", "p/models/0", scale="paper")]  # the paper scale: not a target
+    assert target_row(level, rows)[2:] == ["88.0", "missed by 2.00", "`s/models/0`"]
+    assert target_row(level, [])[2] == "not run yet"
+    gap = Target("001", "fed - central", "federated", -1.0, against="models")
+    rows = [_row("models", "resnet18", "97.0", "97.20", "s/models/0"),
+            _row("federated", "resnet18", "96.0", "96.50", "s/federated/0")]
+    assert target_row(gap, rows)[2:4] == ["-0.70 (96.50 − 97.20, resnet18)", "met"]
+    assert target_row(gap, rows[1:])[2] == "not run yet"  # nothing to compare with
+
+
+def test_the_targets_table_on_the_page_is_generated_from_the_committed_csvs() -> None:
+    assert _region((DOCS / "results.md").read_text(), "targets").strip() == targets_table(DOCS)
+    assert [line.split(" | ")[0].lstrip("| ") for line in targets_table(DOCS).splitlines()[2:]] == \
+        [f"papers/{t.paper}: {t.label}" for t in TARGETS]

@@ -138,6 +138,30 @@ PAPERS: dict[str, Paper] = {p.id: p for p in (
 )}
 
 
+@dataclass(frozen=True)
+class Target:
+    """One of the reproduction study's targets (from scratch, <= 128 px, this 2-core CPU), checked on the cpu-scale
+    rows of docs/results/<paper>.csv. Of several models in a variant, the one with the best validation accuracy
+    counts (never the best test accuracy)."""
+
+    paper: str
+    label: str
+    variant: str                 # the step whose rows are read
+    at_least: float              # test accuracy %; with ``against``: the least difference in points
+    against: str | None = None   # another step of the same paper, same model: the target is the difference
+
+
+TARGETS: tuple[Target, ...] = (
+    Target("003", "pbc (8 classes), held-out test accuracy %", "models", 98.0),
+    Target("000", "rbc, random split (the paper's protocol) test accuracy %", "random_split", 97.0),
+    Target("001", "all_pbs test accuracy %", "models", 99.5),
+    Target("002", "wbc4, published TEST folder, test accuracy %", "models", 90.0),
+    Target("004", "wbc5 test accuracy %", "models", 98.0),
+    Target("001", "federated IID − centralized (points)", "federated", -1.0, against="models"),
+    Target("000", "federated non-IID (random_size) − centralized (points)", "federated", -3.0, against="models"),
+)
+
+
 def aliases() -> dict[str, str]:
     """What a user may type for a paper: its number, papers/<number>, or its experiment name."""
     out: dict[str, str] = {}

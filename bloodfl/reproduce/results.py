@@ -24,13 +24,13 @@ from bloodfl.console import cli_errors
 from bloodfl.errors import BloodflError
 from bloodfl.evaluation.collect import Job, collect
 from bloodfl.reproduce.plan import ROOT
-from bloodfl.reproduce.protocols import PAPERS, SCALES, Paper
+from bloodfl.reproduce.protocols import PAPERS, SCALES, TARGETS, Paper, Target
 
 STUDY_FILE = "study.json"
 DOCS = ROOT / "docs"
 COLUMNS = ["paper", "scale", "variant", "protocol", "task", "model", "dataset", "split", "image_size", "epochs",
-           "target_epsilon", "epsilon", "test_acc", "test_acc_ci95_low", "test_acc_ci95_high", "test_f1_macro",
-           "test_f1_macro_ci95_low", "test_f1_macro_ci95_high",
+           "target_epsilon", "epsilon", "val_acc", "test_acc", "test_acc_ci95_low", "test_acc_ci95_high",
+           "test_f1_macro", "test_f1_macro_ci95_low", "test_f1_macro_ci95_high",
            # the two flaws measured on purpose, never in a test_* column: evaluation.on_training_images (papers/003)
            # gives the selected model's scores on its own training images; dataset.copies_before_split (papers/001)
            # the share of test images with a flipped copy (or their original) in the training split
@@ -93,6 +93,7 @@ def job_row(study: Path, record: dict[str, Any], job: Job) -> Row:
         "dataset": job.dataset, "split": _split(job), "image_size": _image_size(job), "epochs": _epochs(job),
         "target_epsilon": _num(job.setting("dp.target_epsilon"), 1) if dp else "",
         "epsilon": _num(m.get("dp/epsilon"), 2) if dp else "",
+        "val_acc": _pct(m.get("val/acc")),  # what picks a variant's model for the targets (never test/acc)
         **{f"{split}_{k}{s}": _pct(m.get(f"{split}/{k}{s}")) for split in ("test", "train_eval")
            for k in ("acc", "f1_macro") for s in ("", "_ci95_low", "_ci95_high")},
         "leaked_test": _pct(m.get("data/leaked_test_fraction")),
@@ -222,6 +223,45 @@ def render(paper: Paper, published: list[Row], rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def _float(value: str | None) -> float | None:
+    try:
+        return float(value) if value else None
+    except ValueError:
+        return None
+
+
+def _chosen(rows: list[Row], variant: str, model: str | None = None) -> Row | None:
+    """The cpu-scale row of ``variant`` with the best validation accuracy (of ``model`` only, if given)."""
+    cands = [r for r in rows if r["scale"] == "cpu" and r["variant"] == variant and _float(r["test_acc"]) is not None
+             and (model is None or r["model"] == model)]
+    return max(cands, key=lambda r: _float(r.get("val_acc")) or -1.0) if cands else None
+
+
+def target_row(target: Target, rows: list[Row]) -> list[str]:
+    """[target, bound, measured, met?, runs] of one target from its paper's rows."""
+    bound = f"≥ {target.at_least:+g}" if target.against else f"≥ {target.at_least:g}"
+    row = _chosen(rows, target.variant)
+    base = _chosen(rows, target.against, row["model"]) if row is not None and target.against else None
+    if row is None or (target.against and base is None):
+        return [f"papers/{target.paper}: {target.label}", bound, "not run yet", "-", "-"]
+    acc = float(row["test_acc"])
+    if base is None:
+        value, shown = acc, _with_ci(row, "test_acc")
+        runs = f"`{row['run_id']}`"
+    else:
+        value = acc - float(base["test_acc"])
+        shown = f"{value:+.2f} ({row['test_acc']} − {base['test_acc']}, {row['model']})"
+        runs = f"`{row['run_id']}` − `{base['run_id']}`"
+    met = "met" if value >= target.at_least - 1e-9 else f"missed by {target.at_least - value:.2f}"
+    return [f"papers/{target.paper}: {target.label}", bound, shown, met, runs]
+
+
+def targets_table(docs: Path) -> str:
+    by_paper = {p: read_csv(docs / "results" / f"{p}.csv") for p in PAPERS}
+    return "\n".join(_table(["target (cpu scale)", "bound", "measured % (95% CI)", "met?", "runs"],
+                            [target_row(t, by_paper[t.paper]) for t in TARGETS]))
+
+
 def markers(paper_id: str) -> tuple[str, str]:
     return f"<!-- results:{paper_id} -->", f"<!-- /results:{paper_id} -->"
 
@@ -237,6 +277,7 @@ def update_page(page: Path, paper_id: str, text: str) -> None:
 
 def regenerate_page(docs: Path) -> None:
     published = read_csv(docs / "results" / "published.csv")
+    update_page(docs / "results.md", "targets", targets_table(docs))
     for paper in PAPERS.values():
         rows = read_csv(docs / "results" / f"{paper.id}.csv")
         update_page(docs / "results.md", paper.id, render(paper, [r for r in published if r["paper"] == paper.id],
