@@ -87,21 +87,30 @@ def evaluate(net: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int) -> tu
     return loss / len(x), right / len(x)
 
 
-def plain(cfg: Any, a: argparse.Namespace) -> dict[str, Any]:
-    """The plain loop on the DataModule's arrays; the weights with the lowest val loss are tested."""
-    pl.seed_everything(a.seed, workers=True, verbose=False)  # the same order as bloodfl.runner: data, then net
+Split = tuple[torch.Tensor, torch.Tensor]
+
+
+def yardstick_data(cfg: Any, a: argparse.Namespace) -> tuple[nn.Module, Split, Split, Split]:
+    """bloodfl's network and the DataModule's train/val/test arrays as normalized float tensors (decoded once),
+    seeded in bloodfl.runner's order: data, then network."""
+    pl.seed_everything(a.seed, workers=True, verbose=False)
     dm = Root(cfg).datamodule()
     dm.setup("fit")
     mean, std = dm.register_mean_std
     images, labels = torch.from_numpy(dm.images), torch.as_tensor(dm.labels, dtype=torch.long)
 
-    def tensors(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def tensors(split: str) -> Split:
         idx = torch.as_tensor(dm.idx[split], dtype=torch.long)
         x = images[idx].permute(0, 3, 1, 2).float().div_(255.0)
         return ((x - mean) / std).contiguous(), labels[idx]
 
-    (xtr, ytr), (xva, yva), (xte, yte) = tensors("train"), tensors("val"), tensors("test")
     net = build_classifier(a.model, dm.num_classes, a.image_size)
+    return net, tensors("train"), tensors("val"), tensors("test")
+
+
+def plain(cfg: Any, a: argparse.Namespace) -> dict[str, Any]:
+    """The plain loop on the DataModule's arrays; the weights with the lowest val loss are tested."""
+    net, (xtr, ytr), (xva, yva), (xte, yte) = yardstick_data(cfg, a)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(a.seed)
     n, bs = len(xtr), a.batch_size
@@ -129,19 +138,7 @@ def plain_fed(cfg: Any, a: argparse.Namespace) -> dict[str, Any]:
     training images (a seeded permutation cut into equal parts), every round each client loads the global
     weights, trains one epoch with a fresh Adam (lr 1e-3, batch 32, drop_last), and the server averages all
     weights and buffers by shard size; the last round's model is tested, as ``federate.py`` does."""
-    pl.seed_everything(a.seed, workers=True, verbose=False)
-    dm = Root(cfg).datamodule()
-    dm.setup("fit")
-    mean, std = dm.register_mean_std
-    images, labels = torch.from_numpy(dm.images), torch.as_tensor(dm.labels, dtype=torch.long)
-
-    def tensors(split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.as_tensor(dm.idx[split], dtype=torch.long)
-        x = images[idx].permute(0, 3, 1, 2).float().div_(255.0)
-        return ((x - mean) / std).contiguous(), labels[idx]
-
-    (xtr, ytr), (xva, yva), (xte, yte) = tensors("train"), tensors("val"), tensors("test")
-    net = build_classifier(a.model, dm.num_classes, a.image_size)
+    net, (xtr, ytr), (xva, yva), (xte, yte) = yardstick_data(cfg, a)
     gen = torch.Generator().manual_seed(a.seed)
     shards = torch.randperm(len(xtr), generator=gen).tensor_split(a.clients)
     global_state = copy.deepcopy(net.state_dict())
