@@ -8,7 +8,10 @@ Against it, in the same process and alternating within every repeat:
 
 - ``train``: ``bloodfl.training.run.train(cfg)`` with the config ``python train.py <overrides>`` would run;
 - ``federate``: ``bloodfl.fl.run.federate(cfg)``, ``--clients`` IID clients x ``--rounds`` rounds x 1 local
-  epoch, ``fl.val_fraction=0`` so the clients train on exactly the centralized training images.
+  epoch, ``fl.val_fraction=0`` so the clients train on exactly the centralized training images;
+- ``plain_fed`` (not by default): the yardstick of ``federate``, FedAvg written as a plain loop on the same
+  arrays (:func:`plain_fed`), so a gap between federated and centralized can be told apart: FedAvg's own, or
+  bloodfl's.
 
 Reported: the validation accuracy after every epoch (round) of each variant side by side (the federated
 curve is computed after the timed run from the round checkpoints, on the same validation images), final test
@@ -84,21 +87,30 @@ def evaluate(net: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int) -> tu
     return loss / len(x), right / len(x)
 
 
-def plain(cfg: Any, a: argparse.Namespace) -> dict[str, Any]:
-    """The plain loop on the DataModule's arrays; the weights with the lowest val loss are tested."""
-    pl.seed_everything(a.seed, workers=True, verbose=False)  # the same order as bloodfl.runner: data, then net
+Split = tuple[torch.Tensor, torch.Tensor]
+
+
+def yardstick_data(cfg: Any, a: argparse.Namespace) -> tuple[nn.Module, Split, Split, Split]:
+    """bloodfl's network and the DataModule's train/val/test arrays as normalized float tensors (decoded once),
+    seeded in bloodfl.runner's order: data, then network."""
+    pl.seed_everything(a.seed, workers=True, verbose=False)
     dm = Root(cfg).datamodule()
     dm.setup("fit")
     mean, std = dm.register_mean_std
     images, labels = torch.from_numpy(dm.images), torch.as_tensor(dm.labels, dtype=torch.long)
 
-    def tensors(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def tensors(split: str) -> Split:
         idx = torch.as_tensor(dm.idx[split], dtype=torch.long)
         x = images[idx].permute(0, 3, 1, 2).float().div_(255.0)
         return ((x - mean) / std).contiguous(), labels[idx]
 
-    (xtr, ytr), (xva, yva), (xte, yte) = tensors("train"), tensors("val"), tensors("test")
     net = build_classifier(a.model, dm.num_classes, a.image_size)
+    return net, tensors("train"), tensors("val"), tensors("test")
+
+
+def plain(cfg: Any, a: argparse.Namespace) -> dict[str, Any]:
+    """The plain loop on the DataModule's arrays; the weights with the lowest val loss are tested."""
+    net, (xtr, ytr), (xva, yva), (xte, yte) = yardstick_data(cfg, a)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(a.seed)
     n, bs = len(xtr), a.batch_size
@@ -117,6 +129,40 @@ def plain(cfg: Any, a: argparse.Namespace) -> dict[str, Any]:
             best_loss, best_state = vloss, copy.deepcopy(net.state_dict())
     assert best_state is not None
     net.load_state_dict(best_state)
+    _, test_acc = evaluate(net, xte, yte, bs)
+    return {"val_acc": curve, "test/acc": test_acc}
+
+
+def plain_fed(cfg: Any, a: argparse.Namespace) -> dict[str, Any]:
+    """The yardstick of ``federate.py``: FedAvg written plainly on the same arrays. ``--clients`` IID shards of the
+    training images (a seeded permutation cut into equal parts), every round each client loads the global
+    weights, trains one epoch with a fresh Adam (lr 1e-3, batch 32, drop_last), and the server averages all
+    weights and buffers by shard size; the last round's model is tested, as ``federate.py`` does."""
+    net, (xtr, ytr), (xva, yva), (xte, yte) = yardstick_data(cfg, a)
+    gen = torch.Generator().manual_seed(a.seed)
+    shards = torch.randperm(len(xtr), generator=gen).tensor_split(a.clients)
+    global_state = copy.deepcopy(net.state_dict())
+    bs, curve = a.batch_size, []
+    for _ in range(a.rounds):
+        states, sizes = [], []
+        for shard in shards:
+            net.load_state_dict(global_state)
+            opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+            net.train()
+            perm = shard[torch.randperm(len(shard), generator=gen)]
+            n = len(perm)
+            for i in range(0, n - bs + 1 if n > bs else n, bs):
+                b = perm[i:i + bs]
+                opt.zero_grad(set_to_none=True)
+                nn.functional.cross_entropy(net(xtr[b]), ytr[b]).backward()
+                opt.step()
+            states.append(copy.deepcopy(net.state_dict()))
+            sizes.append(n)
+        total = sum(sizes)
+        global_state = {k: (sum(s[k].double() * (m / total) for s, m in zip(states, sizes))).to(v.dtype)
+                        for k, v in states[0].items()}
+        net.load_state_dict(global_state)
+        curve.append(evaluate(net, xva, yva, bs)[1])
     _, test_acc = evaluate(net, xte, yte, bs)
     return {"val_acc": curve, "test/acc": test_acc}
 
@@ -157,9 +203,9 @@ def timed(fn: Any, *args: Any) -> tuple[Any, dict[str, float]]:
 def run_variant(kind: str, a: argparse.Namespace, work: Path, rep: int) -> dict[str, Any]:
     out = work / f"{kind}_{rep}"
     cache = work / "cache"
-    if kind == "plain":
+    if kind in ("plain", "plain_fed"):
         cfg = compose(a, [], out, "train", cache)
-        res, t = timed(plain, cfg, a)
+        res, t = timed(plain if kind == "plain" else plain_fed, cfg, a)
         return {**res, **t}
     if kind == "train":
         cfg = compose(a, [f"trainer.max_epochs={a.epochs}", "callbacks.progress_bar=null", *a.train_args],
@@ -183,6 +229,7 @@ def plot(path: Path, results: list[dict[str, Any]], a: argparse.Namespace) -> No
     fig = Figure(figsize=(6.4, 3.6), layout="constrained")
     ax = fig.subplots()
     styles = {"plain": ("tab:gray", "plain PyTorch loop"), "train": ("tab:blue", "train.py"),
+              "plain_fed": ("tab:brown", f"plain FedAvg loop ({a.clients} IID clients, per round)"),
               "federate": ("tab:orange", f"federate.py ({a.clients} IID clients, per round)")}
     for rep, pair in enumerate(results):
         for kind, (color, label) in styles.items():
@@ -211,7 +258,8 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=5)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--variants", nargs="+", default=["plain", "train", "federate"],
-                   choices=["plain", "train", "federate"])
+                   choices=["plain", "train", "federate", "plain_fed"],
+                   help="plain_fed: a plain FedAvg loop, the yardstick of federate.py")
     p.add_argument("--train-args", nargs="*", default=[], help="overrides for train.py only")
     p.add_argument("--fed-args", nargs="*", default=[], help="overrides for federate.py only")
     p.add_argument("--threads", type=int, default=1,
@@ -237,11 +285,10 @@ def main() -> None:
             print(f"repeat {rep} {kind}: wall {r['wall']:.1f} s, cpu {r['cpu']:.1f} s, test/acc {r['test/acc']:.4f}, "
                   f"val/acc {' '.join(f'{v:.3f}' for v in r['val_acc'])} (load before {r['load_before']:.1f})",
                   flush=True)
-        if "plain" in pair:
-            for kind in ("train", "federate"):
-                if kind in pair:
-                    pair[f"{kind}/plain wall"] = pair[kind]["wall"] / pair["plain"]["wall"]
-                    pair[f"{kind}/plain cpu"] = pair[kind]["cpu"] / pair["plain"]["cpu"]
+        for kind, base in (("train", "plain"), ("federate", "plain"), ("federate", "plain_fed")):
+            if kind in pair and base in pair:
+                pair[f"{kind}/{base} wall"] = pair[kind]["wall"] / pair[base]["wall"]
+                pair[f"{kind}/{base} cpu"] = pair[kind]["cpu"] / pair[base]["cpu"]
         results.append(pair)
 
     def med(key: str, sub: str | None = None) -> float | None:
@@ -253,7 +300,7 @@ def main() -> None:
         "torch": torch.__version__, "lightning": pl.__version__,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
         "median": {k: med(k) for k in ("train/plain wall", "train/plain cpu", "federate/plain wall",
-                                       "federate/plain cpu")},
+                                       "federate/plain cpu", "federate/plain_fed wall", "federate/plain_fed cpu")},
         "median_test_acc": {k: med(k, "test/acc") for k in a.variants},
         "median_wall": {k: med(k, "wall") for k in a.variants},
         "median_cpu": {k: med(k, "cpu") for k in a.variants},

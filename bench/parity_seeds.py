@@ -19,21 +19,30 @@ from pathlib import Path
 from typing import Any
 
 VARIANTS = {"plain": ("tab:gray", "plain PyTorch loop"), "train": ("tab:blue", "train.py"),
-            "federate": ("tab:orange", "federate.py (IID clients, per round)")}
+            "federate": ("tab:orange", "federate.py (IID clients, per round)"),
+            "plain_fed": ("tab:brown", "plain FedAvg loop (IID clients, per round)")}
+# what may differ between folders of one summary: a seed's variants may come from several runs
+PER_RUN = ("seed", "out", "repeats", "variants", "threads")
 
 
 def load(dirs: list[Path]) -> list[dict[str, Any]]:
-    runs = []
+    """One run per seed; folders of the same seed (e.g. a later ``--variants plain_fed``) are joined. Time ratios
+    are only those measured within one folder."""
+    by_seed: dict[int, dict[str, Any]] = {}
     for d in dirs:
         res = json.loads((d / "results.json").read_text())
         first = res["repeats"][0]  # the accuracy of a seed is deterministic: every repeat gives the same curve
-        runs.append({"seed": res["settings"]["seed"], "settings": res["settings"], "median": res["median"],
-                     **{k: first[k] for k in VARIANTS if k in first}})
-    sets = {json.dumps({k: v for k, v in r["settings"].items() if k not in ("seed", "out", "repeats")},
-                       sort_keys=True) for r in runs}
+        run = by_seed.setdefault(res["settings"]["seed"], {"seed": res["settings"]["seed"],
+                                                           "settings": res["settings"], "median": {}})
+        run["median"].update({k: v for k, v in res["median"].items() if v is not None})
+        run.update({k: first[k] for k in VARIANTS if k in first})
+        run.setdefault("all_settings", []).append(res["settings"])
+    sets = {json.dumps({k: v for k, v in s.items() if k not in PER_RUN}, sort_keys=True)
+            for r in by_seed.values() for s in r["all_settings"]}
     if len(sets) > 1:
-        raise SystemExit("the folders were run with different settings (other than --seed); summarise alike runs")
-    return sorted(runs, key=lambda r: r["seed"])
+        raise SystemExit("the folders were run with different settings (other than --seed and --variants); "
+                         "summarise alike runs")
+    return sorted(by_seed.values(), key=lambda r: r["seed"])
 
 
 def table(runs: list[dict[str, Any]]) -> str:
@@ -46,7 +55,12 @@ def table(runs: list[dict[str, Any]]) -> str:
         gaps.append(("federate − plain", "federate", "plain"))
     if {"train", "federate"} <= set(kinds):
         gaps.append(("federate − train", "federate", "train"))
-    ratios = [k for k in ("train/plain wall", "train/plain cpu", "federate/plain wall", "federate/plain cpu")
+    if {"plain_fed", "federate"} <= set(kinds):  # bloodfl's FedAvg against FedAvg written plainly
+        gaps.append(("federate − plain FedAvg", "federate", "plain_fed"))
+    if {"plain_fed", "plain"} <= set(kinds):  # FedAvg's own gap, without bloodfl
+        gaps.append(("plain FedAvg − plain", "plain_fed", "plain"))
+    ratios = [k for k in ("train/plain wall", "train/plain cpu", "federate/plain wall", "federate/plain cpu",
+                          "federate/plain_fed wall", "federate/plain_fed cpu")
               if all(r["median"].get(k) is not None for r in runs)]
     head += [f"{g[0]} (points)" for g in gaps] + ratios
     rows = []
