@@ -28,6 +28,6 @@ def no_better_than_majority(val_acc: float, counts: Sequence[int] | np.ndarray, 
     if val_acc > share + MARGIN:
         return None
     name = classes[c] if c < len(classes) else str(c)
-    return (f"the model did not learn: its best val/acc {val_acc:.4f} is no better than always answering "
+    return (f"the model did not learn: its validation accuracy {val_acc:.4f} is no better than always answering "
             f"{name!r} ({share:.4f} of the validation images); try a lower learning rate (optim.lr=1e-4), "
             "model.pretrained=true where ImageNet weights can be had, or more epochs")
