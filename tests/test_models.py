@@ -180,3 +180,19 @@ def test_library_backbones_have_the_librarys_parameter_count(name: str) -> None:
     dropped = sum(p.numel() for d in cfg.drop for p in getattr(ref, d).parameters())
     ours = build_classifier(name, 5, size).backbone
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ref.parameters()) - dropped
+
+
+def test_scatternet_is_kymatios_scattering_with_its_filters_out_of_the_state_dict() -> None:
+    """The scattering stage computes what kymatio's Scattering2D computes; its fixed filters move with the model
+    but are never in the state dict (so never averaged, sent or checkpointed)."""
+    from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D
+
+    model = build_classifier("scatternet", 4, 32)
+    assert not [k for k in model.state_dict() if "scattering" in k]
+    assert len(list(model.backbone.scattering.buffers())) > 0
+    x = torch.rand(2, 3, 32, 32)
+    ref = ScatteringTorch2D(J=2, shape=(32, 32), L=8)
+    assert torch.allclose(model.backbone.scattering(x), ref(x))
+    assert model.double().backbone.scattering(x.double()).dtype == torch.float64  # buffers follow .to/.double
+    assert model.backbone.scatter_norm.num_channels == 3 * 81
+    assert build_classifier("scatternet", 4, 34)(torch.rand(1, 3, 34, 34)).shape == (1, 4)  # any size kymatio pads

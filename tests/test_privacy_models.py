@@ -116,3 +116,23 @@ def test_fused_norm_keeps_activation_and_affine_weights() -> None:
     assert type(net.bn1) is GroupNormAct and net.bn1.act is act and not act.inplace  # the same module
     torch.testing.assert_close(net.bn1.weight.detach(), weight)
     assert net.bn1.num_groups == 32 and changes
+
+
+def test_scatternet_takes_dp_steps_by_per_sample_hooks_and_says_why_not_ghost() -> None:
+    """ScatterNet's first stage (fixed wavelets) runs without gradients, so ghost clipping's input-gradient pass
+    cannot work: auto picks per-sample hooks and says so, ghost alone is refused with the setting to use."""
+    torch.manual_seed(0)
+    net = build_classifier("scatternet", 4, 32)
+    with pytest.raises(BloodflError, match="computed without gradients.*dp.grad_sample_mode=hooks"):
+        check_private(make_dp_compatible(copy.deepcopy(net))[0], (3, 32, 32), "ghost")
+    net, changes, mode = prepare_model(net, (3, 32, 32), "auto")
+    assert mode == "hooks" and any("without gradients" in c for c in changes), changes
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    privacy = ClientPrivacy(DPSettings(noise_multiplier=1.0), num_samples=4, steps_per_epoch=1, total_steps=1,
+                            grad_sample_mode=mode)
+    before = copy.deepcopy(net.state_dict())
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    with privacy.attach(net, torch.optim.SGD(net.parameters(), lr=0.01), loader) as private:
+        loss, _ = private.step(x, y)
+    assert torch.isfinite(loss) and privacy.steps == 1
+    assert all(not torch.equal(before[k], v) for k, v in net.state_dict().items())  # every tensor is a parameter

@@ -1,4 +1,4 @@
-from bloodfl.models import attention, dp_cnn, paper_cnns, simple_cnn, unet  # noqa: F401  (registers the architectures written here)
+from bloodfl.models import attention, dp_cnn, paper_cnns, scatternet, simple_cnn, unet  # noqa: F401  (registers the architectures written here)
 from bloodfl.models.registry import (
     BloodCellClassifier,
     build_classifier,
