@@ -47,8 +47,10 @@ def test_every_command_of_the_plan_composes(paper_id: str, scale: str, tmp_path:
                 assert cfg.dataset.image_size == 64
                 if command.step.name == "federated_dp":  # dp=true's recipe, not the paper experiment's choice
                     assert cfg.model.name == "dp_cnn" and cfg.optim.lr == cfg.dp.lr == 1e-2
+                elif command.step.name == "paper_cnn":  # papers/002 trained its CNN from scratch: its own lr
+                    assert cfg.model.name == "paper002_cnn" and cfg.optim.lr == 1e-4
                 else:
-                    assert cfg.model.name in ("resnet18", "paper002_cnn")
+                    assert cfg.model.name == "resnet18" and cfg.optim.lr == 1e-3
             if command.step.name == "random_split":
                 assert cfg.split.group_by == "none"
             # the options that measure a paper's flaw are on in that step only (and off by default)
