@@ -92,6 +92,25 @@ def test_bootstrap_ci_contains_the_estimate_narrows_with_more_images_and_is_seed
     assert bootstrap_ci(probs, target, 4, 300, seed=7) == bootstrap_ci(probs, target, 4, 300, seed=7)
 
 
+def test_grouped_bootstrap_resamples_sources_not_their_copies() -> None:
+    """A test set of 20 identical copies of 50 source images carries the information of 50 images: resampling the
+    sources gives exactly the CI of the 50 originals, while resampling the 1,000 copies gives a CI far too narrow."""
+    probs, target = _scores(50, 2)
+    copies_p, copies_t = np.repeat(probs, 20, axis=0), np.repeat(target, 20)
+    sources = [f"src{i:03d}" for i in np.repeat(np.arange(50), 20)]
+    grouped = bootstrap_ci(copies_p, copies_t, 4, 400, seed=1, groups=sources)
+    originals = bootstrap_ci(probs, target, 4, 400, seed=1)
+    for m in originals:
+        assert grouped[m] == pytest.approx(originals[m], abs=1e-12), m
+    naive = bootstrap_ci(copies_p, copies_t, 4, 400, seed=1)
+    assert naive["acc"][1] - naive["acc"][0] < (grouped["acc"][1] - grouped["acc"][0]) / 3
+    # one group per image is the ordinary bootstrap, resample for resample
+    ones = [f"{i:04d}" for i in range(50)]
+    assert bootstrap_ci(probs, target, 4, 400, seed=1, groups=ones) == bootstrap_ci(probs, target, 4, 400, seed=1)
+    with pytest.raises(ValueError, match="groups has 3 labels for 50 images"):
+        bootstrap_ci(probs, target, 4, 10, groups=["a", "b", "c"])
+
+
 def test_a_run_writes_figures_predictions_and_a_wandb_run_holding_them(tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WANDB_MODE", "offline")
