@@ -11,24 +11,30 @@ are never averaged, sent to the server or checkpointed.
 
 from __future__ import annotations
 
-import torch
+import functools
 
-# kymatio.torch also imports its 3-D scattering, which needs scipy.special.sph_harm (removed in SciPy 1.17);
-# the 2-D frontend, the class kymatio.torch.Scattering2D names, does not
-from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D
+import torch
 from torch import nn
 
 from bloodfl.models.registry import register_model
 from bloodfl.models.simple_cnn import _block
 
 
-class Scattering2D(ScatteringTorch2D):
-    """kymatio's 2-D scattering with non-persistent filter buffers (moved with ``.to``, never saved)."""
+@functools.cache
+def scattering_class() -> type[nn.Module]:
+    """kymatio's 2-D scattering with non-persistent filter buffers (moved with ``.to``, never saved). Imported on
+    first use: kymatio and its SciPy filter banks add about half a second to every ``import bloodfl.models``."""
+    # kymatio.torch also imports its 3-D scattering, which needs scipy.special.sph_harm (removed in SciPy 1.17);
+    # the 2-D frontend, the class kymatio.torch.Scattering2D names, does not
+    from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D
 
-    def register_single_filter(self, v, n):  # kymatio's hook for storing one filter
-        current_filter = torch.from_numpy(v).unsqueeze(-1)
-        self.register_buffer(f"tensor{n}", current_filter, persistent=False)
-        return current_filter
+    class Scattering2D(ScatteringTorch2D):
+        def register_single_filter(self, v, n):  # kymatio's hook for storing one filter
+            current_filter = torch.from_numpy(v).unsqueeze(-1)
+            self.register_buffer(f"tensor{n}", current_filter, persistent=False)
+            return current_filter
+
+    return Scattering2D
 
 
 def _group_norm(channels: int, groups: int = 8) -> nn.GroupNorm:
@@ -42,7 +48,7 @@ class ScatterNet(nn.Module):
     def __init__(self, in_chans: int = 3, image_size: int = 64, J: int = 2, L: int = 8,
                  widths: tuple[int, ...] = (64, 64), scatter_groups: int = 27) -> None:
         super().__init__()
-        self.scattering = Scattering2D(J=J, shape=(image_size, image_size), L=L)
+        self.scattering = scattering_class()(J=J, shape=(image_size, image_size), L=L)
         paths = 1 + J * L + L * L * J * (J - 1) // 2
         channels = in_chans * paths
         self.scatter_norm = nn.GroupNorm(scatter_groups, channels)
