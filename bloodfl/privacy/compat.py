@@ -289,11 +289,11 @@ def check_private(model: nn.Module, input_shape: tuple[int, ...], grad_sample_mo
         x = torch.randn(2, *input_shape, requires_grad=grad_sample_mode == "ghost")
         loss = gsm(x).float().square().sum()
         if grad_sample_mode == "ghost":  # as PrivateTraining's first pass: the input's gradient only
-            if not _reaches(loss, x):
+            (grad,) = torch.autograd.grad(loss, x, allow_unused=True)
+            if grad is None:
                 raise BloodflError("ghost clipping needs the loss to depend on the input image through autograd, "
                                    "and this model's first stage is computed without gradients (fixed features); "
                                    "use dp.grad_sample_mode=hooks")
-            torch.autograd.grad(loss, x)
         else:
             loss.backward()
     except RuntimeError as exc:
@@ -315,20 +315,6 @@ def check_private(model: nn.Module, input_shape: tuple[int, ...], grad_sample_mo
         raise BloodflError(f"DP cannot compute per-sample gradients of {', '.join(culprits[:3])}: they belong to "
                            f"{owner!r} ({type(probe.get_submodule(owner)).__name__}), whose forward() is not "
                            "called; move them into a submodule, freeze them, or use another model")
-
-
-def _reaches(out: torch.Tensor, x: torch.Tensor) -> bool:
-    """Whether ``x`` is a leaf of ``out``'s autograd graph."""
-    seen, todo = set(), [out.grad_fn]
-    while todo:
-        fn = todo.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        if getattr(fn, "variable", None) is x:  # AccumulateGrad of a leaf
-            return True
-        todo.extend(f for f, _ in fn.next_functions)
-    return False
 
 
 def _check_no_buffers(model: nn.Module) -> None:
