@@ -16,6 +16,7 @@ import functools
 import torch
 from torch import nn
 
+from bloodfl.models.dp_cnn import _group_norm
 from bloodfl.models.registry import register_model
 from bloodfl.models.simple_cnn import _block
 
@@ -35,10 +36,6 @@ def scattering_class() -> type[nn.Module]:
             return current_filter
 
     return Scattering2D
-
-
-def _group_norm(channels: int, groups: int = 8) -> nn.GroupNorm:
-    return nn.GroupNorm(min(groups, channels), channels)
 
 
 @register_model("scatternet")
