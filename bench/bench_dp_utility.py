@@ -14,6 +14,7 @@ DP-SGD recipes (docs/privacy.md) pass through to the DP runs with ``--extra``; o
     python bench/bench_dp_utility.py /tmp/dpu --extra dp.ema=0.999 dp.augmult=4 augment=flips
     python bench/bench_dp_utility.py /tmp/dpu --quick                           # tiny scale: proves the pipeline
     python bench/bench_dp_utility.py /tmp/dpu8 --epsilons 8 --with /tmp/dpu     # one more point, table of all
+    python bench/bench_dp_utility.py docs/dpu --report --with /tmp/dpu /tmp/dpu8   # one table and plot of both
 
 ``--quick``: 2 epochs / 2 rounds of 1 local epoch, 5 training batches per epoch, 2 validation and 5 test batches
 (a subset of each split): numbers that mean nothing, in minutes on a CPU. The noise is still calibrated for full
@@ -36,6 +37,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bloodfl.config import dp_default_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {  # name -> (script, overrides)
@@ -172,7 +176,8 @@ def main() -> None:
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     p.add_argument("--epsilons", nargs="+", type=float, default=[1.0, 3.0, 8.0, math.inf], help="inf: no DP")
     p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--model", default="dp_cnn", help="one model for every ε, so the curve compares like with like")
+    p.add_argument("--model", default=dp_default_model(),
+                   help="one model for every ε, so the curve compares like with like (default: dp=true's)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--epochs", type=int, default=10, help="centralized epochs")
     p.add_argument("--rounds", type=int, default=10)
@@ -183,7 +188,10 @@ def main() -> None:
     p.add_argument("--with", dest="earlier", nargs="*", type=Path, default=[],
                    help="output folders of earlier runs of this benchmark: their rows join the table and plot")
     p.add_argument("--extra", nargs="*", default=[], help="overrides: dp.* for the DP runs, others for every run")
+    p.add_argument("--report", action="store_true", help="run nothing: one table and plot of the --with folders")
     a = p.parse_args()
+    if a.report and not a.earlier:
+        p.error("--report merges earlier runs: name their folders with --with DIR [DIR ...]")
     if a.quick:
         a.epochs, a.rounds, a.local_epochs = min(a.epochs, 2), min(a.rounds, 2), 1
 
@@ -194,7 +202,7 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     columns = ["dataset", "setting", "epsilon", "seed", "epsilon_spent", "test/acc", "test/acc_ci95_low",
                "test/acc_ci95_high", "test/f1_macro", "wall_s", "error", "out", "overrides"]
-    for rep in range(a.repeats):
+    for rep in range(0 if a.report else a.repeats):
         seed = 42 + rep
         for dataset in a.datasets:
             for setting in a.settings:

@@ -28,9 +28,10 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
-from bloodfl.config import instantiate
+from bloodfl.config import dp_default_model, instantiate
 from bloodfl.data.datamodule import ArrayDataModule, BloodDataModule
 from bloodfl.errors import BloodflError
+from bloodfl.models import format_params
 from bloodfl.privacy.engine import ClientPrivacy, DPSettings, prepare_model
 from bloodfl.training.module import ClassifierModule
 
@@ -213,7 +214,7 @@ class Root:
         """The model config's backbone with the papers' head; DP-compatible layers when dp=true."""
         net = instantiate(self.cfg.model, num_classes=num_classes, image_size=self.image_size, _convert_="all")
         params = sum(p.numel() for p in net.parameters())
-        log.info("model: %s, %.2fM parameters, %d px input, %d classes", self.cfg.model.name, params / 1e6,
+        log.info("model: %s, %s parameters, %d px input, %d classes", self.cfg.model.name, format_params(params),
                  self.image_size, num_classes)
         plan = self.dp_settings()
         if plan is not None:  # before any optimizer exists and before federated clients copy the network
@@ -221,8 +222,13 @@ class Root:
                                                         plan.model_mode)
             for change in changes:
                 log.info("dp: %s", change)
-            if self.cfg.model.name == "dp_cnn":
-                log.info("dp: model dp_cnn is dp=true's default (docs/privacy.md); model=<name> trains another")
+            default = dp_default_model()
+            if self.cfg.model.name == default:
+                log.info("dp: model %s is dp=true's default (docs/privacy.md); model=<name> trains another", default)
+            elif OmegaConf.is_interpolation(self.cfg.optim, "lr"):  # the rate came from dp.lr, not the user
+                log.warning("dp: optim.lr=%g is dp=true's rate for %s; %s needs its own (dp_cnn: 1e-2, "
+                            "docs/privacy.md): give optim.lr=<rate>", self.cfg.optim.lr, default,
+                            self.cfg.model.name)
             log.info("dp: per-sample gradients by %s",
                      "ghost clipping" if self._dp_mode == "ghost" else "per-sample hooks")
         return net

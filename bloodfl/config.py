@@ -60,6 +60,15 @@ def load_option(group: str, name: str, conf_dir: Path = CONF_DIR) -> DictConfig:
     return merged
 
 
+def dp_default_model(conf_dir: Path = CONF_DIR) -> str:
+    """The model ``dp=true`` trains when none is named: its ``override /model`` in ``conf/dp/true.yaml`` (whose
+    ``dp.lr`` is that model's rate)."""
+    for entry in OmegaConf.load(conf_dir / "dp" / "true.yaml").get("defaults", []):
+        if isinstance(entry, DictConfig) and "override /model" in entry:
+            return str(entry["override /model"])
+    raise BloodflError(f"{conf_dir / 'dp' / 'true.yaml'} names no default model (override /model: <name>)")
+
+
 def instantiate(node: Any, **kwargs: Any) -> Any:
     """``hydra.utils.instantiate``, with a user error raised by the built object's constructor passed on as is
     (Hydra wraps every exception in its own, which would turn a one-line message into a traceback)."""

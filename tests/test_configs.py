@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 import torch
 
 from bloodfl.compose import Root
-from bloodfl.config import group_options
+from bloodfl.config import dp_default_model, group_options
 from tests.conftest import CONF_DIR, compose_cfg
 
 TRAIN_GROUPS = ["dataset", "model", "split", "augment", "trainer", "logger", "callbacks", "finetune", "dp"]
@@ -104,3 +104,23 @@ def test_unknown_option_lists_the_valid_ones() -> None:
 def test_every_model_config_inherits_the_one_base() -> None:
     for path in (CONF_DIR / "model").glob("*.yaml"):
         assert "/model_base/default@_here_" in path.read_text(), path.name
+
+
+@pytest.mark.parametrize(("overrides", "warned"), [
+    ([], False),                                     # dp=true's own model at its own rate
+    (["model=dp_cnn", "optim.lr=1e-2"], False),      # another model, its rate given
+    (["model=dp_cnn"], True),                        # another model at color_hist's rate: say so
+])
+def test_dp_true_says_when_another_model_runs_at_the_default_models_rate(
+        overrides: list[str], warned: bool, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root = Root(compose_cfg(["dp='true'", "dataset=synthetic", "dataset.image_size=16", *overrides], tmp_path))
+    with caplog.at_level("INFO", logger="bloodfl"):
+        root.network(num_classes=4)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert bool(warnings) == warned, warnings
+    if warned:
+        assert warnings == [f"dp: optim.lr=0.1 is dp=true's rate for {dp_default_model()}; dp_cnn needs its own "
+                            "(dp_cnn: 1e-2, docs/privacy.md): give optim.lr=<rate>"]
+    else:
+        assert root.cfg.model.name != dp_default_model() or any(
+            "is dp=true's default" in r.getMessage() for r in caplog.records)

@@ -196,3 +196,29 @@ def test_scatternet_is_kymatios_scattering_with_its_filters_out_of_the_state_dic
     assert model.double().backbone.scattering(x.double()).dtype == torch.float64  # buffers follow .to/.double
     assert model.backbone.scatter_norm.num_channels == 3 * 81
     assert build_classifier("scatternet", 4, 34)(torch.rand(1, 3, 34, 34)).shape == (1, 4)  # any size kymatio pads
+
+
+def test_color_hist_counts_each_channels_pixels_in_its_bins_with_nothing_in_the_state_dict() -> None:
+    """Pixels on bin centres land in their bin (a hard histogram), a pixel between two centres splits linearly, one
+    beyond the range counts in the outer bin; features are sqrt(bins * fraction) per channel, and only the linear
+    head is trained, saved and sent (388 parameters for 4 classes)."""
+    model = build_classifier("color_hist", 4, 16)
+    hist = model.backbone
+    bins = hist.centers.numel()
+    assert list(model.state_dict()) == ["head.mlp.0.weight", "head.mlp.0.bias"]
+    assert sum(p.numel() for p in model.parameters()) == 3 * bins * 4 + 4
+    torch.manual_seed(0)
+    idx = torch.randint(0, bins, (2, 3, 16, 16))
+    feats = hist.forward_features(hist.centers[idx]).flatten(1).view(2, 3, bins)
+    fractions = torch.stack([torch.stack([torch.bincount(idx[b, c].flatten(), minlength=bins) for c in range(3)])
+                             for b in range(2)]) / 256
+    torch.testing.assert_close(feats, (bins * fractions).sqrt())
+    between = (hist.centers[3] + hist.centers[4]) / 2
+    x = torch.full((1, 3, 16, 16), float(between))
+    x[0, 1] = 100.0  # beyond the range: the last bin
+    h = hist.forward_features(x).flatten(1).view(3, bins).square() / bins
+    torch.testing.assert_close(h[0, 3:5], torch.tensor([0.5, 0.5]))
+    torch.testing.assert_close(h[1, -1], torch.tensor(1.0))
+    torch.testing.assert_close(h.sum(1), torch.ones(3))
+    with pytest.raises(ValueError, match="bins >= 2 and low < high"):
+        type(hist)(bins=1)

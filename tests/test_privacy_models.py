@@ -118,11 +118,13 @@ def test_fused_norm_keeps_activation_and_affine_weights() -> None:
     assert net.bn1.num_groups == 32 and changes
 
 
-def test_scatternet_takes_dp_steps_by_per_sample_hooks_and_says_why_not_ghost() -> None:
-    """ScatterNet's first stage (fixed wavelets) runs without gradients, so ghost clipping's input-gradient pass
-    cannot work: auto picks per-sample hooks and says so, ghost alone is refused with the setting to use."""
+@pytest.mark.parametrize("name", ["scatternet", "color_hist"])
+def test_fixed_feature_models_take_dp_steps_by_per_sample_hooks_and_say_why_not_ghost(name: str) -> None:
+    """ScatterNet's (fixed wavelets) and color_hist's (histograms) first stages run without gradients, so ghost
+    clipping's input-gradient pass cannot work: auto picks per-sample hooks and says so, ghost alone is refused
+    with the setting to use."""
     torch.manual_seed(0)
-    net = build_classifier("scatternet", 4, 32)
+    net = build_classifier(name, 4, 32)
     with pytest.raises(BloodflError, match="computed without gradients.*dp.grad_sample_mode=hooks"):
         check_private(make_dp_compatible(copy.deepcopy(net))[0], (3, 32, 32), "ghost")
     net, changes, mode = prepare_model(net, (3, 32, 32), "auto")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from bloodfl.config import dp_default_model
 from bloodfl.reproduce.__main__ import main as reproduce_main
 from bloodfl.reproduce.plan import expand_jobs, plan
 from bloodfl.reproduce.protocols import PAPERS, SCALES, TARGETS, Target
@@ -46,7 +47,8 @@ def test_every_command_of_the_plan_composes(paper_id: str, scale: str, tmp_path:
             if scale == "cpu":
                 assert cfg.dataset.image_size == 64
                 if command.step.name == "federated_dp":  # dp=true's recipe, not the paper experiment's choice
-                    assert cfg.model.name == "dp_cnn" and cfg.optim.lr == cfg.dp.lr == 1e-2
+                    assert cfg.model.name == dp_default_model() and cfg.optim.lr == cfg.dp.lr == 0.1
+                    assert (cfg.fl.rounds, cfg.fl.local_epochs) == (10, 5)  # the paper's schedule: cheap enough
                 elif command.step.name == "paper_cnn":  # papers/002 trained its CNN from scratch: its own lr
                     assert cfg.model.name == "paper002_cnn" and cfg.optim.lr == 1e-4
                 else:
@@ -163,6 +165,17 @@ def test_results_write_the_csv_and_regenerate_only_the_marked_tables(tiny_study,
     results([study], docs)
     with open(docs / "results" / "000.csv", newline="") as fh:
         assert len(list(csv.DictReader(fh))) == 3
+    # a study of one step (--steps federated) replaces that step's rows and keeps the others, in step order
+    partial = tmp_path / "partial"
+    shutil.copytree(study, partial, ignore=shutil.ignore_patterns("models", "random_split"))
+    record = json.loads((partial / "study.json").read_text())
+    (partial / "study.json").write_text(json.dumps({**record, "steps": [s for s in record.get("steps", [])
+                                                                         if s.get("name") == "federated"]}))
+    results([partial], docs)
+    rows = read_csv(docs / "results" / "000.csv")
+    assert [(r["variant"], r["run_id"].split("/")[0]) for r in rows] == [
+        ("models", study.name), ("random_split", study.name), ("federated", partial.name)]
+    assert_page_backed_by_csvs(docs)
 
 
 @pytest.mark.parametrize("paper_id, step, option", [

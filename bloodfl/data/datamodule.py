@@ -82,7 +82,8 @@ class IndexedImages(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         j = self.index[i]
-        return torch.from_numpy(np.ascontiguousarray(self.images[j])), self.labels[j]
+        # a copy: the cache is a read-only memory map, which torch would share and warn about
+        return torch.from_numpy(np.array(self.images[j])), self.labels[j]
 
     def __getitems__(self, items: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         # int64 even when empty: a Poisson (DP) batch can draw nobody -> (0, H, W, 3) uint8 and 0 labels

@@ -61,9 +61,11 @@ def model_rows(pattern: str = "*", num_classes: int = 8, dp: bool = False) -> li
 
 
 def format_rows(rows: list[dict[str, Any]]) -> str:
+    from bloodfl.models import format_params
+
     header = ["model", "params", "native", "min", "source", "arch", *(["dp-sgd"] if rows and "dp" in rows[0] else []),
               "description"]
-    table = [header] + [[r["name"], f"{r['params'] / 1e6:.2f}M", str(r["native_size"]), str(r["min_size"]),
+    table = [header] + [[r["name"], format_params(r["params"]), str(r["native_size"]), str(r["min_size"]),
                          r["source"], r["arch"], *([r["dp"]] if "dp" in r else []), r["description"]]
                         for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]

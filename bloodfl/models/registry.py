@@ -37,6 +37,11 @@ def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[.
     return add
 
 
+def format_params(count: int) -> str:
+    """A parameter count as people read it: ``11.71M`` for backbones, ``388`` for the tiny DP models."""
+    return f"{count / 1e6:.2f}M" if count >= 100_000 else f"{count:,}"
+
+
 def list_models(pattern: str = "*") -> list[str]:
     """Model names (the options of ``conf/model``) matching a shell-style pattern, sorted, like timm's."""
     return [n for n in group_options("model") if fnmatch.fnmatch(n, pattern)]

@@ -126,19 +126,21 @@ def write_rows(path: Path, rows: list[Row]) -> None:
 
 
 def merge_rows(old: list[Row], new: list[Row]) -> list[Row]:
-    """The new study's rows replace the old rows of the same scale."""
-    scales = {r["scale"] for r in new}
-    kept = [r for r in old if r["scale"] not in scales]
+    """The new study's rows replace the old rows of the same scale and step: a study of some steps
+    (``--steps``) keeps the rows of the others."""
+    replaced = {(r["scale"], r["variant"]) for r in new}
+    kept = [r for r in old if (r["scale"], r["variant"]) not in replaced]
     return sorted(kept + new, key=row_order)
 
 
-def row_order(row: Row) -> tuple[int, str, int, int]:
-    """Scale, study, then the study's step order (models, leakage, federated), then the job number."""
+def row_order(row: Row) -> tuple[int, int, str, int]:
+    """Scale, then the paper's step order (models, leakage, federated), then the study and the job number."""
     steps = [s.name for s in PAPERS[row["paper"]].steps] if row["paper"] in PAPERS else []
     study, *rest = row["run_id"].split("/")
     job = rest[-1] if rest else ""
-    return (SCALES.index(row["scale"]) if row["scale"] in SCALES else len(SCALES), study,
-            steps.index(row["variant"]) if row["variant"] in steps else len(steps), int(job) if job.isdigit() else 0)
+    return (SCALES.index(row["scale"]) if row["scale"] in SCALES else len(SCALES),
+            steps.index(row["variant"]) if row["variant"] in steps else len(steps), study,
+            int(job) if job.isdigit() else 0)
 
 
 # ---- the page ----
