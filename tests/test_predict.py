@@ -18,6 +18,7 @@ from bloodfl.compose import Root
 from bloodfl.data.datamodule import ArrayDataModule
 from bloodfl.data.decode import decode_image
 from bloodfl.data.synthetic import render_synthetic
+from bloodfl.errors import BloodflError
 from bloodfl.predict import main
 from bloodfl.training.module import ClassifierModule
 from bloodfl.training.run import train
@@ -164,7 +165,7 @@ def test_federated_dp_run_predicts_with_its_final_global_model(images, tmp_path:
     folder, pixels = images
     args = ["dataset=synthetic", "dataset.image_size=32", "dataset.source.n_per_class=10", "loader.batch_size=8",
             "logger=none", "fl.num_clients=2", "fl.rounds=1", "dp='true'", "dp.target_epsilon=null",
-            "dp.noise_multiplier=1.0"]
+            "dp.noise_multiplier=1.0", "model=simple_cnn", "optim.lr=1e-3"]  # a BatchNorm CNN, converted
     run_dir = tmp_path / "fl"
     cfg = compose_cfg(args, run_dir, "federate")
     metrics = federate(cfg)
@@ -201,3 +202,14 @@ def test_run_without_a_best_checkpoint_uses_the_final_weights_it_tested(run, ima
     assert main([f"run={copy}", f"images={folder / 'cell0.png'}", f"out={tmp_path / 'p.csv'}"]) == 0
     assert "the final weights the run tested (last.ckpt" in capsys.readouterr().out
     assert len(read_rows(tmp_path / "p.csv")) == 1
+
+
+def test_cam_refuses_fixed_features_in_one_line() -> None:
+    """color_hist's histograms carry no gradient: Grad-CAM would fail deep inside the library, so it is refused."""
+    from bloodfl.inference.cam import CamMaker
+    from bloodfl.models import build_classifier
+
+    with pytest.raises(BloodflError, match="'color_hist' computes its features without gradients.*without --cam"):
+        CamMaker(build_classifier("color_hist", 4, 32).eval(), 32)
+    with CamMaker(build_classifier("simple_cnn", 4, 32).eval(), 32) as cams:  # a CNN's map still works
+        assert cams.maps(torch.rand(2, 3, 32, 32), [0, 1]).shape == (2, 32, 32)

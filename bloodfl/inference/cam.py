@@ -78,13 +78,19 @@ class CamMaker:
     def __init__(self, model: nn.Module, image_size: int) -> None:
         self.model = CamModel(model)
         device = next(model.parameters()).device
-        with torch.no_grad():
-            probe = self.model.features(torch.zeros(1, 3, image_size, image_size, device=device))
+        with torch.enable_grad():
+            probe = self.model.features(torch.zeros(1, 3, image_size, image_size, device=device,
+                                                    requires_grad=True))
+        name = getattr(model, "model_name", type(model).__name__)
+        if not probe.requires_grad:  # Grad-CAM weighs the map by the class score's gradient at it
+            raise BloodflError(f"--cam: model {name!r} computes its features without gradients (fixed features, "
+                               "e.g. color_hist): Grad-CAM has no gradient to weigh them by; run without --cam")
+        probe = probe.detach()
         reshape = None
         if probe.dim() == 3:
             reshape = token_grid(model.backbone, probe.shape[1])
         if probe.dim() != 4 and reshape is None:
-            raise BloodflError(f"--cam: model {getattr(model, 'model_name', type(model).__name__)!r} has no spatial "
+            raise BloodflError(f"--cam: model {name!r} has no spatial "
                                f"feature map (features of shape {tuple(probe.shape[1:])}); run without --cam")
         # the map's true resolution (e.g. 2x2 for a ResNet at 64 px): the overlay can be no finer than this
         self.grid = tuple((reshape(probe) if reshape is not None else probe).shape[-2:])
