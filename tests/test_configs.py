@@ -109,7 +109,7 @@ def test_every_model_config_inherits_the_one_base() -> None:
 @pytest.mark.parametrize(("overrides", "warned"), [
     ([], False),                                     # dp=true's own model at its own rate
     (["model=dp_cnn", "optim.lr=1e-2"], False),      # another model, its rate given
-    (["model=dp_cnn"], True),                        # another model at color_hist's rate: say so
+    (["model=dp_cnn"], True),                        # another model at the default model's rate: say so
 ])
 def test_dp_true_says_when_another_model_runs_at_the_default_models_rate(
         overrides: list[str], warned: bool, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -222,3 +222,30 @@ def test_color_hist_counts_each_channels_pixels_in_its_bins_with_nothing_in_the_
     torch.testing.assert_close(h.sum(1), torch.ones(3))
     with pytest.raises(ValueError, match="bins >= 2 and low < high"):
         type(hist)(bins=1)
+
+
+def test_color_hist_joint_counts_whole_colours_that_per_channel_histograms_confuse() -> None:
+    """Two images with the same per-channel histograms but different colours (half red + half blue against half
+    magenta + half black) get the same color_hist features and different joint features, each pixel's colour
+    landing in its (r, g, b) bin; only the head is in the state dict."""
+    joint, per_channel = build_classifier("color_hist_joint", 8, 16), build_classifier("color_hist", 8, 16)
+    c = joint.backbone.centers
+    lo, hi = c[0], c[-1]
+    a = torch.empty(1, 3, 16, 16)
+    a[0, :, :8] = torch.stack([hi, lo, lo])[:, None, None]   # red
+    a[0, :, 8:] = torch.stack([lo, lo, hi])[:, None, None]   # blue
+    b = torch.empty(1, 3, 16, 16)
+    b[0, :, :8] = torch.stack([hi, lo, hi])[:, None, None]   # magenta
+    b[0, :, 8:] = torch.stack([lo, lo, lo])[:, None, None]   # black
+    torch.testing.assert_close(per_channel.backbone.forward_features(a), per_channel.backbone.forward_features(b))
+    bins = c.numel()
+    ha = joint.backbone.forward_features(a).flatten().square().view(bins, bins, bins) / bins**3
+    hb = joint.backbone.forward_features(b).flatten().square().view(bins, bins, bins) / bins**3
+    n = bins - 1
+    expected_a, expected_b = torch.zeros(bins, bins, bins), torch.zeros(bins, bins, bins)
+    expected_a[n, 0, 0] = expected_a[0, 0, n] = 0.5
+    expected_b[n, 0, n] = expected_b[0, 0, 0] = 0.5
+    torch.testing.assert_close(ha, expected_a)
+    torch.testing.assert_close(hb, expected_b)
+    assert list(joint.state_dict()) == ["head.mlp.0.weight", "head.mlp.0.bias"]
+    assert sum(p.numel() for p in joint.parameters()) == bins**3 * 8 + 8

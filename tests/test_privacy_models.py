@@ -118,7 +118,7 @@ def test_fused_norm_keeps_activation_and_affine_weights() -> None:
     assert net.bn1.num_groups == 32 and changes
 
 
-@pytest.mark.parametrize("name", ["scatternet", "color_hist"])
+@pytest.mark.parametrize("name", ["scatternet", "color_hist", "color_hist_joint"])
 def test_fixed_feature_models_take_dp_steps_by_per_sample_hooks_and_say_why_not_ghost(name: str) -> None:
     """ScatterNet's (fixed wavelets) and color_hist's (histograms) first stages run without gradients, so ghost
     clipping's input-gradient pass cannot work: auto picks per-sample hooks and says so, ghost alone is refused

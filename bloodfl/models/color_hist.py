@@ -41,3 +41,26 @@ class ColorHistogram(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x)
+
+
+@register_model("color_hist_joint")
+class JointColorHistogram(ColorHistogram):
+    """(B, 3, H, W) -> (B, bins**3, 1, 1): the soft histogram of whole colours (r, g, b together), square-rooted.
+
+    Per-channel histograms cannot tell a purple pixel from a red one next to a blue one; the joint histogram can,
+    at bins**3 features (512 for 8 bins: a linear head of 4 k parameters for 8 classes)."""
+
+    def __init__(self, in_chans: int = 3, bins: int = 8, low: float = -3.0, high: float = 3.0) -> None:
+        if in_chans != 3:
+            raise ValueError(f"color_hist_joint needs 3 colour channels, got in_chans={in_chans}")
+        super().__init__(in_chans, bins, low, high)
+        self.num_features = bins**3
+        self.scale = self.num_features**0.5
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            x = x.clamp(self.low, self.high).flatten(2)  # (B, 3, P)
+            # (B, 3, bins, P) kernel weights per channel; their product over channels is the joint kernel
+            w = (1 - (x[:, :, None, :] - self.centers[None, None, :, None]).abs() / self.width).clamp_min(0)
+            hist = torch.einsum("bip,bjp,bkp->bijk", w[:, 0], w[:, 1], w[:, 2]) / x.shape[-1]
+        return (self.scale * hist.sqrt()).flatten(1)[:, :, None, None]

@@ -96,7 +96,7 @@ PAPERS: dict[str, Paper] = {p.id: p for p in (
                  paper=("model=densenet121,inception_v3,xception",)),  # Table 2's three models
             # at the cpu scale, dp=true's recipe (docs/privacy.md): its model and learning rate, named here because
             # the paper's experiment sets both and a config's choice beats dp=true's defaults; that model is cheap
-            # enough for the paper's 10 rounds x 5 local epochs (at 5 x 2 it gave 78-83%: too few steps)
+            # enough for the paper's 10 rounds x 5 local epochs (color_hist at 5 x 2 gave 78-83%: too few steps)
             Step("federated_dp", "federated, 5 iid clients, DP-SGD at target ε ∈ {1, 3, 8}", script="federate.py",
                  overrides=("fl=alam2025", "dp=true", "dp.target_epsilon=1,3,8"),
                  cpu=(f"model={dp_default_model()}", "optim.lr=${dp.lr}"),
