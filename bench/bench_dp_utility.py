@@ -38,10 +38,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 from bloodfl.config import dp_default_model  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {  # name -> (script, overrides)
     "centralized": ("train.py", []),
     "federated_iid": ("federate.py", ["fl.partition=iid"]),
