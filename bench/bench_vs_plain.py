@@ -97,12 +97,12 @@ def yardstick_data(cfg: Any, a: argparse.Namespace) -> tuple[nn.Module, Split, S
     dm = Root(cfg).datamodule()
     dm.setup("fit")
     mean, std = dm.register_mean_std
-    images, labels = torch.from_numpy(dm.images), torch.as_tensor(dm.labels, dtype=torch.long)
+    labels = torch.as_tensor(dm.labels, dtype=torch.long)
 
     def tensors(split: str) -> Split:
-        idx = torch.as_tensor(dm.idx[split], dtype=torch.long)
-        x = images[idx].permute(0, 3, 1, 2).float().div_(255.0)
-        return ((x - mean) / std).contiguous(), labels[idx]
+        idx = dm.idx[split]  # NumPy indexing copies out of the read-only decoded cache
+        x = torch.from_numpy(dm.images[idx]).permute(0, 3, 1, 2).float().div_(255.0)
+        return ((x - mean) / std).contiguous(), labels[torch.as_tensor(idx, dtype=torch.long)]
 
     net = build_classifier(a.model, dm.num_classes, a.image_size)
     return net, tensors("train"), tensors("val"), tensors("test")

@@ -408,7 +408,7 @@ class Root:
         fl = self.fl
         return RoundSettings(rounds=int(fl.rounds), local_epochs=int(fl.local_epochs),
                              fraction_fit=float(fl.fraction_fit), seed=self.seed,
-                             keep_checkpoints=fl.get("keep_checkpoints"))
+                             keep_checkpoints=fl.get("keep_checkpoints"), eval_every=int(fl.get("eval_every", 1)))
 
     def shards(self, dm: BloodDataModule) -> list[np.ndarray]:
         from bloodfl.fl.partition import partition

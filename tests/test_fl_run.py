@@ -137,6 +137,23 @@ def test_tuning_mode_evaluates_rounds_on_validation(tmp_path: Path) -> None:
     assert not any(k.startswith("test/") for k in metrics)
 
 
+def test_eval_every_skips_evaluation_between_rounds_and_changes_no_weights(tmp_path: Path) -> None:
+    """fl.eval_every=2 over 3 rounds evaluates after rounds 2 and 3 (the last), and trains exactly as every round."""
+    every, sparse = tmp_path / "every", tmp_path / "sparse"
+    args = [*FL_FAST, "fl.rounds=3"]
+    federate(compose_cfg(args, every, "federate"))
+    metrics = federate(compose_cfg([*args, "fl.eval_every=2"], sparse, "federate"))
+    rows = rounds(sparse)
+    assert [r["test/acc"] != "" for r in rows] == [False, True, True]
+    assert float(rows[0]["eval_seconds"]) == 0.0 and float(rows[1]["eval_seconds"]) > 0
+    a, b = final_weights(every), final_weights(sparse)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert metrics["test/acc"] == pytest.approx(float(rounds(every)[-1]["test/acc"]))
+    assert (sparse / "figures" / "learning_curves.png").stat().st_size > 0
+    with pytest.raises(BloodflError, match="fl.eval_every must be >= 1"):
+        federate(compose_cfg([*args, "fl.eval_every=0"], tmp_path / "zero", "federate"))
+
+
 def test_client_sampling_is_seeded() -> None:
     a = [sample_clients(7, r, 10, 0.3) for r in range(1, 6)]
     assert a == [sample_clients(7, r, 10, 0.3) for r in range(1, 6)]

@@ -46,6 +46,7 @@ class RoundSettings:
     fraction_fit: float = 1.0
     seed: int = 0
     keep_checkpoints: int | None = None  # None: keep every round's checkpoint
+    eval_every: int = 1  # evaluate the global model after every n-th round (and always after the last)
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.local_epochs < 1:
@@ -55,6 +56,12 @@ class RoundSettings:
             raise BloodflError(f"fl.fraction_fit must be in (0, 1], got {self.fraction_fit}")
         if self.keep_checkpoints is not None and self.keep_checkpoints < 1:
             raise BloodflError("fl.keep_checkpoints must be null (keep all) or >= 1")
+        if self.eval_every < 1:
+            raise BloodflError(f"fl.eval_every must be >= 1 (1: evaluate after every round), got {self.eval_every}")
+
+    def evaluates(self, server_round: int) -> bool:
+        """Whether the global model is evaluated after ``server_round``: every ``eval_every``-th and the last."""
+        return server_round % self.eval_every == 0 or server_round == self.rounds
 
 
 def round_config(strategy: Strategy, settings: RoundSettings, server_round: int) -> dict[str, Any]:
@@ -213,7 +220,7 @@ class Simulation:
         s = self.settings
         t_agg = time.perf_counter()
         split = self.eval_split
-        metrics = self.evaluator.evaluate(self.weights, split)
+        metrics = self.evaluator.evaluate(self.weights, split) if s.evaluates(r) else {}
         t_eval = time.perf_counter()
         row: dict[str, Any] = {"round": r, **{f"{split}/{m}": metrics[f"{split}/{m}"] for m in GLOBAL_METRICS
                                               if f"{split}/{m}" in metrics},
@@ -231,9 +238,13 @@ class Simulation:
         self._checkpoint(r)
         self._write_csv()
         self._log(row)
-        log.info("round %d/%d: %s/loss=%.4f %s/acc=%.4f (%d clients, %.1f s)", r, s.rounds, split,
-                 row.get(f"{split}/loss", float("nan")), split, row.get(f"{split}/acc", float("nan")), len(sampled),
-                 row["seconds"])
+        if metrics:
+            log.info("round %d/%d: %s/loss=%.4f %s/acc=%.4f (%d clients, %.1f s)", r, s.rounds, split,
+                     row.get(f"{split}/loss", float("nan")), split, row.get(f"{split}/acc", float("nan")),
+                     len(sampled), row["seconds"])
+        else:
+            log.info("round %d/%d: not evaluated (fl.eval_every=%d) (%d clients, %.1f s)", r, s.rounds,
+                     s.eval_every, len(sampled), row["seconds"])
         if self.on_round_end is not None:
             self.on_round_end(row)
         return row
