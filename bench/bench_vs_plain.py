@@ -181,9 +181,9 @@ def round_curve(cfg: Any, out: Path, a: argparse.Namespace) -> list[float]:
     dm = Root(cfg).datamodule()
     dm.setup("fit")
     mean, std = dm.register_mean_std
-    idx = torch.as_tensor(dm.idx["val"], dtype=torch.long)
-    x = (torch.from_numpy(dm.images)[idx].permute(0, 3, 1, 2).float().div_(255.0) - mean) / std
-    y = torch.as_tensor(dm.labels, dtype=torch.long)[idx]
+    idx = dm.idx["val"]
+    x = (torch.from_numpy(dm.images[idx]).permute(0, 3, 1, 2).float().div_(255.0) - mean) / std
+    y = torch.as_tensor(dm.labels[idx], dtype=torch.long)
     net = build_classifier(a.model, dm.num_classes, a.image_size)
     curve = []
     for path in sorted((out / "checkpoints").glob("round_*.pt")):
