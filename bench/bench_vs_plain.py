@@ -96,16 +96,16 @@ def yardstick_data(cfg: Any, a: argparse.Namespace) -> tuple[nn.Module, Split, S
     pl.seed_everything(a.seed, workers=True, verbose=False)
     dm = Root(cfg).datamodule()
     dm.setup("fit")
-    mean, std = dm.register_mean_std
-    labels = torch.as_tensor(dm.labels, dtype=torch.long)
-
-    def tensors(split: str) -> Split:
-        idx = dm.idx[split]  # NumPy indexing copies out of the read-only decoded cache
-        x = torch.from_numpy(dm.images[idx]).permute(0, 3, 1, 2).float().div_(255.0)
-        return ((x - mean) / std).contiguous(), labels[torch.as_tensor(idx, dtype=torch.long)]
-
     net = build_classifier(a.model, dm.num_classes, a.image_size)
-    return net, tensors("train"), tensors("val"), tensors("test")
+    return net, split_tensors(dm, "train"), split_tensors(dm, "val"), split_tensors(dm, "test")
+
+
+def split_tensors(dm: Any, split: str) -> Split:
+    """``split`` of a set-up DataModule as normalized contiguous NCHW float images and int64 labels."""
+    mean, std = dm.register_mean_std
+    idx = dm.idx[split]  # NumPy indexing copies out of the read-only decoded cache
+    x = torch.from_numpy(dm.images[idx]).permute(0, 3, 1, 2).float().div_(255.0)
+    return ((x - mean) / std).contiguous(), torch.as_tensor(dm.labels[idx], dtype=torch.long)
 
 
 def plain(cfg: Any, a: argparse.Namespace) -> dict[str, Any]:
@@ -180,10 +180,7 @@ def round_curve(cfg: Any, out: Path, a: argparse.Namespace) -> list[float]:
     """Validation accuracy of the global model after every round, from the round checkpoints (not timed)."""
     dm = Root(cfg).datamodule()
     dm.setup("fit")
-    mean, std = dm.register_mean_std
-    idx = dm.idx["val"]
-    x = (torch.from_numpy(dm.images[idx]).permute(0, 3, 1, 2).float().div_(255.0) - mean) / std
-    y = torch.as_tensor(dm.labels[idx], dtype=torch.long)
+    x, y = split_tensors(dm, "val")
     net = build_classifier(a.model, dm.num_classes, a.image_size)
     curve = []
     for path in sorted((out / "checkpoints").glob("round_*.pt")):
