@@ -216,7 +216,8 @@ def run_variant(kind: str, a: argparse.Namespace, work: Path, rep: int) -> dict[
     with open(out / "rounds.csv") as fh:
         rows = list(csv.DictReader(fh))
     split = {k: sum(float(r[k]) for r in rows) for k in ("seconds", "fit_seconds", "eval_seconds")}
-    return {"val_acc": round_curve(cfg, out, a), "test/acc": metrics["test/acc"], "rounds_csv": split, **t}
+    return {"val_acc": round_curve(cfg, out, a), "test/acc": metrics["test/acc"], "rounds_csv": split,
+            "selected_round": metrics["selected_round"], **t}
 
 
 def plot(path: Path, results: list[dict[str, Any]], a: argparse.Namespace) -> None:
@@ -280,7 +281,8 @@ def main() -> None:
         for kind in order:
             pair[kind] = r = run_variant(kind, a, work, rep)
             print(f"repeat {rep} {kind}: wall {r['wall']:.1f} s, cpu {r['cpu']:.1f} s, test/acc {r['test/acc']:.4f}, "
-                  f"val/acc {' '.join(f'{v:.3f}' for v in r['val_acc'])} (load before {r['load_before']:.1f})",
+                  f"val/acc {' '.join(f'{v:.3f}' for v in r['val_acc'])} (load before {r['load_before']:.1f})"
+                  + (f", tested round {r['selected_round']}" if "selected_round" in r else ""),
                   flush=True)
         for kind, base in (("train", "plain"), ("federate", "plain"), ("federate", "plain_fed")):
             if kind in pair and base in pair:

@@ -408,7 +408,9 @@ class Root:
         fl = self.fl
         return RoundSettings(rounds=int(fl.rounds), local_epochs=int(fl.local_epochs),
                              fraction_fit=float(fl.fraction_fit), seed=self.seed,
-                             keep_checkpoints=fl.get("keep_checkpoints"), eval_every=int(fl.get("eval_every", 1)))
+                             keep_checkpoints=fl.get("keep_checkpoints"), eval_every=int(fl.get("eval_every", 1)),
+                             select=str(fl.get("select", "last")), monitor=str(fl.get("monitor", "val/loss")),
+                             mode=str(fl.get("mode", "min")))
 
     def shards(self, dm: BloodDataModule) -> list[np.ndarray]:
         from bloodfl.fl.partition import partition

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import functools
 import json
@@ -15,8 +16,11 @@ import torch
 from bloodfl.data.datamodule import ArrayDataModule
 from bloodfl.errors import BloodflError
 from bloodfl.fl.client import FLClient, ProximalTerm, client_seed
+from bloodfl.fl.evaluator import GlobalEvaluator
 from bloodfl.fl.loop import list_checkpoints, load_checkpoint, sample_clients
 from bloodfl.fl.run import federate
+from bloodfl.inference.load import find_checkpoint
+from bloodfl.models.registry import build_classifier
 from bloodfl.training.module import ClassifierModule
 from tests.conftest import compose_cfg, run_cli
 
@@ -152,6 +156,71 @@ def test_eval_every_skips_evaluation_between_rounds_and_changes_no_weights(tmp_p
     assert (sparse / "figures" / "learning_curves.png").stat().st_size > 0
     with pytest.raises(BloodflError, match="fl.eval_every must be >= 1"):
         federate(compose_cfg([*args, "fl.eval_every=0"], tmp_path / "zero", "federate"))
+
+
+def test_select_best_tests_the_best_validation_round_and_survives_resume(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """fl.select=best validates every round and tests the round with the best fl.monitor once (train.py's
+    ModelCheckpoint). fl.mode=max on val/loss selects the worst round, so the selected round is not the last."""
+    args = [*FL_FAST, "fl.rounds=3", "fl.select=best", "fl.mode=max", "fl.keep_checkpoints=1"]
+    whole = tmp_path / "whole"
+    metrics = federate(compose_cfg(args, whole, "federate"))
+    rows = rounds(whole)
+    assert "test/acc" not in rows[0]  # the rounds are validated, never tested
+    losses = [float(r["val/loss"]) for r in rows]
+    chosen = 1 + losses.index(max(losses))
+    assert metrics["selected_round"] == chosen and chosen < 3, losses  # the global model learns: round 1 is worst
+    assert metrics["val/loss"] == pytest.approx(max(losses))
+    assert [r for r, _ in list_checkpoints(whole)] == [chosen, 3]  # pruning keeps the selected round
+    assert find_checkpoint(whole).path.name == f"round_{chosen:03d}.pt"  # what predict.py loads
+    # the test values are the selected round's: a run that stops after that round tests the same weights
+    upto = federate(compose_cfg([*FL_FAST, f"fl.rounds={chosen}"], tmp_path / "upto", "federate"))
+    for k in ("test/acc", "test/loss", "test/f1_macro"):
+        assert metrics[k] == pytest.approx(upto[k]), k
+
+    # killed in round 3 (round 1's and 2's checkpoints are on disk), resumed: the same selection and test values
+    broken = tmp_path / "broken"
+    real_fit = FLClient.fit
+
+    def fit_then_die(self: FLClient, weights: dict, server_round: int, config: dict) -> object:
+        if server_round == 3:
+            raise KeyboardInterrupt
+        return real_fit(self, weights, server_round, config)
+
+    monkeypatch.setattr(FLClient, "fit", fit_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        federate(compose_cfg(args, broken, "federate"))
+    monkeypatch.setattr(FLClient, "fit", real_fit)
+    resumed = federate(compose_cfg([*args, "fl.resume=true"], broken, "federate"))
+    for k in ("selected_round", "val/loss", "test/acc", "test/loss"):
+        assert resumed[k] == metrics[k], k
+
+    for bad, msg in (("fl.select=first", "fl.select must be last or best"),
+                     ("fl.monitor=test/acc", "fl.monitor must be one of val/loss")):
+        with pytest.raises(BloodflError, match=msg):
+            federate(compose_cfg([*args, bad], tmp_path / bad.split("=")[0], "federate"))
+
+
+def test_global_evaluation_in_channels_last_equals_the_nchw_model() -> None:
+    """The evaluator runs its model channels-last (faster on CPU); its predictions are the NCHW model's, and the
+    weights it is given are not changed."""
+    torch.manual_seed(0)
+    images = np.random.default_rng(0).integers(0, 255, (24, 32, 32, 3), dtype=np.uint8)
+    labels = np.arange(24) % 4
+    dm = ArrayDataModule(images, labels, train_idx=np.arange(8), test_idx=np.arange(8, 24), batch_size=8,
+                         classes=list("abcd"))
+    net = build_classifier("simple_cnn", 4, 32)
+    weights = {k: v.clone() for k, v in net.state_dict().items()}
+    trainer = functools.partial(pl.Trainer, accelerator="cpu", logger=False, enable_checkpointing=False)
+    evaluator = GlobalEvaluator(ClassifierModule(copy.deepcopy(net), 4), dm, trainer)
+    got = evaluator.evaluate(weights, "test")
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in evaluator.module.net.parameters()
+               if p.dim() == 4)
+    assert all(v.is_contiguous() and torch.equal(v, net.state_dict()[k]) for k, v in weights.items())
+    nchw = ClassifierModule(net, 4)
+    want = trainer(enable_progress_bar=False).test(nchw, datamodule=dm, verbose=False)[0]
+    torch.testing.assert_close(evaluator.module.test_probs, nchw.test_probs, atol=1e-5, rtol=0)
+    assert got["test/acc"] == pytest.approx(float(want["test/acc"]))
 
 
 def test_client_sampling_is_seeded() -> None:

@@ -174,7 +174,7 @@ def test_federated_dp_run_predicts_with_its_final_global_model(images, tmp_path:
     (run_dir / "preprocessing.json").unlink()  # as in runs older than it: constants and classes from the config
     out = tmp_path / "fl.csv"
     assert main([f"run={run_dir}", f"images={folder}", f"out={out}", "--cam"]) == 0
-    assert "the final global model (round_001.pt)" in capsys.readouterr().out
+    assert "the global model the run tested (round_001.pt)" in capsys.readouterr().out
     rows = {r["path"]: r for r in read_rows(out)}
     assert set(rows) == set(pixels) and all(Path(r["cam"]).is_file() for r in rows.values())
 

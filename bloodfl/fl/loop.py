@@ -47,6 +47,9 @@ class RoundSettings:
     seed: int = 0
     keep_checkpoints: int | None = None  # None: keep every round's checkpoint
     eval_every: int = 1  # evaluate the global model after every n-th round (and always after the last)
+    select: str = "last"  # which round's global model the run tests: "last", or "best" by ``monitor`` on val
+    monitor: str = "val/loss"
+    mode: str = "min"
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.local_epochs < 1:
@@ -58,10 +61,22 @@ class RoundSettings:
             raise BloodflError("fl.keep_checkpoints must be null (keep all) or >= 1")
         if self.eval_every < 1:
             raise BloodflError(f"fl.eval_every must be >= 1 (1: evaluate after every round), got {self.eval_every}")
+        if self.select not in ("last", "best"):
+            raise BloodflError(f"fl.select must be last or best, got {self.select!r}")
+        monitors = [f"val/{m}" for m in GLOBAL_METRICS]
+        if self.monitor not in monitors:
+            raise BloodflError(f"fl.monitor must be one of {', '.join(monitors)}, got {self.monitor!r}")
+        if self.mode not in ("min", "max"):
+            raise BloodflError(f"fl.mode must be min or max, got {self.mode!r}")
 
     def evaluates(self, server_round: int) -> bool:
         """Whether the global model is evaluated after ``server_round``: every ``eval_every``-th and the last."""
         return server_round % self.eval_every == 0 or server_round == self.rounds
+
+    def improves(self, score: float, best: float | None) -> bool:
+        """Whether ``score`` of ``monitor`` beats ``best`` (strictly, as ModelCheckpoint: ties keep the earlier
+        round)."""
+        return best is None or (score < best if self.mode == "min" else score > best)
 
 
 def round_config(strategy: Strategy, settings: RoundSettings, server_round: int) -> dict[str, Any]:
@@ -155,6 +170,10 @@ class Simulation:
     private: whether the clients train with DP (rounds.csv's columns); default: whether any client has an
         accountant. A network backend (bloodfl.fl.flower) passes it, since its clients live elsewhere.
 
+    With ``settings.select="best"`` (eval_split "val") the loop keeps the evaluated round with the best
+    ``settings.monitor``, the counterpart of train.py's ModelCheckpoint: :meth:`selected` gives its weights, and its
+    round checkpoint is never pruned by ``keep_checkpoints``.
+
     A network backend keeps the bookkeeping (evaluation, rounds.csv, checkpoints, plot, loggers) and replaces
     only the client fits: it calls :meth:`record_round` with the results it received.
     """
@@ -177,6 +196,10 @@ class Simulation:
         self.history: list[dict[str, Any]] = []
         self.completed = 0
         self._private = private
+        if settings.select == "best" and eval_split != "val":
+            raise BloodflError("fl.select=best selects on the validation split: evaluate the rounds on val")
+        self.best: dict[str, Any] | None = None  # {"round", "score"} of the selected round so far (select=best)
+        self._best_weights: Weights | None = None
 
     def restore(self, state: dict[str, Any]) -> None:
         """Continue from a round checkpoint (see ``load_checkpoint``)."""
@@ -186,6 +209,8 @@ class Simulation:
             client.load_state_dict(state["clients"].get(str(client.cid), {}))
         self.history = list(state["history"])
         self.completed = int(state["round"])
+        self.best = state.get("best")
+        self._best_weights = None  # read from the selected round's checkpoint when asked for
         _set_rng_states(state["rng"])
         self._write_csv()
 
@@ -235,19 +260,40 @@ class Simulation:
                 row[f"client{client.cid}/epsilon"] = client.privacy.epsilon()
         self.history.append(row)
         self.completed = r
+        self._track_best(r, metrics)
         self._checkpoint(r)
         self._write_csv()
         self._log(row)
         if metrics:
-            log.info("round %d/%d: %s/loss=%.4f %s/acc=%.4f (%d clients, %.1f s)", r, s.rounds, split,
+            best = " - the best round so far (fl.select=best)" if self.best and self.best["round"] == r else ""
+            log.info("round %d/%d: %s/loss=%.4f %s/acc=%.4f (%d clients, %.1f s)%s", r, s.rounds, split,
                      row.get(f"{split}/loss", float("nan")), split, row.get(f"{split}/acc", float("nan")),
-                     len(sampled), row["seconds"])
+                     len(sampled), row["seconds"], best)
         else:
             log.info("round %d/%d: not evaluated (fl.eval_every=%d) (%d clients, %.1f s)", r, s.rounds,
                      s.eval_every, len(sampled), row["seconds"])
         if self.on_round_end is not None:
             self.on_round_end(row)
         return row
+
+    def _track_best(self, r: int, metrics: dict[str, float]) -> None:
+        s = self.settings
+        if s.select != "best" or s.monitor not in metrics:
+            return
+        score = float(metrics[s.monitor])
+        if s.improves(score, None if self.best is None else float(self.best["score"])):
+            self.best = {"round": r, "score": score}
+            self._best_weights = self.weights
+
+    def selected(self) -> tuple[int, Weights]:
+        """The round the run tests and its global weights: the last round (select=last) or the best evaluated
+        one by ``settings.monitor`` (select=best)."""
+        if self.settings.select == "last" or self.best is None:
+            return self.completed, self.weights
+        r = int(self.best["round"])
+        if self._best_weights is None:  # resumed: the selected round's checkpoint holds its weights
+            self._best_weights = load_checkpoint(checkpoint_path(self.out_dir, r))["weights"]
+        return r, self._best_weights
 
     @property
     def num_clients(self) -> int:
@@ -266,12 +312,14 @@ class Simulation:
     def _checkpoint(self, r: int) -> None:
         state = {"round": r, "weights": self.weights, "strategy": self.strategy.state_dict(),
                  "clients": {str(c.cid): c.state_dict() for c in self.clients},
-                 "history": self.history, "rng": _rng_states(), "meta": self.meta}
+                 "history": self.history, "rng": _rng_states(), "meta": self.meta, "best": self.best}
         save_checkpoint(checkpoint_path(self.out_dir, r), state)
         keep = self.settings.keep_checkpoints
         if keep is not None:
-            for _, old in list_checkpoints(self.out_dir)[:-keep]:
-                old.unlink()
+            selected = None if self.best is None else int(self.best["round"])
+            for n, old in list_checkpoints(self.out_dir)[:-keep]:
+                if n != selected:
+                    old.unlink()
 
     def _log(self, row: dict[str, Any]) -> None:
         values = {k: float(v) for k, v in row.items() if k != "round" and isinstance(v, (int, float))}

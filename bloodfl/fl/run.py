@@ -139,7 +139,11 @@ class FederatedTask:
         strategy = root.strategy()
         strategy.initialize(initial, param_names=[n for n, p in global_module.net.named_parameters()
                                                   if p.requires_grad])
-        eval_split = "test" if root.evaluate_test else "val"
+        # select=best: the rounds are validated and one selected round is tested at the end, as in train.py
+        eval_split = "test" if root.evaluate_test and settings.select == "last" else "val"
+        if settings.select == "best" and not evaluator.has("val"):
+            raise BloodflError("fl.select=best needs a validation split to select on, and this split has none; "
+                               "use fl.select=last or a split with validation (e.g. split.val_from_train=0.1)")
         meta = {"fingerprint": root.fingerprint()}
         if root.fl_backend == "flower":
             from bloodfl.fl.flower import run_flower
@@ -153,20 +157,27 @@ class FederatedTask:
                 sim.restore(self.state)
             sim.replay_to_loggers()
             sim.run()
-        final = sim.weights
+        selected_round, selected = sim.selected()
 
         metrics: dict[str, Any] = {}
-        if evaluator.has("val"):  # for sweeps: an optimised metric that is not a test value
-            metrics.update(evaluator.evaluate(final, "val"))
         probs = targets = None
-        if eval_split == "test":
-            metrics.update({k: float(v) for k, v in sim.history[-1].items() if k.startswith("test/")})
-            module = evaluator.module
-            if module.test_probs is None:  # resumed after the last round: predictions were not kept
-                evaluator.evaluate(final, "test")
+        module = evaluator.module
+        if eval_split == "val":  # the selected round's validation values were computed when it ran
+            row = next(h for h in sim.history if int(h["round"]) == selected_round)
+            metrics.update({k: float(v) for k, v in row.items() if k.startswith("val/") and v not in (None, "")})
+        elif evaluator.has("val"):  # for sweeps: an optimised metric that is not a test value
+            metrics.update(evaluator.evaluate(selected, "val"))
+        if root.evaluate_test:
+            if eval_split == "test":  # select=last: the last round was tested when it ran
+                metrics.update({k: float(v) for k, v in sim.history[-1].items() if k.startswith("test/")})
+            if eval_split == "val" or module.test_probs is None:  # or resumed after the last round
+                metrics.update(evaluator.evaluate(selected, "test"))
             probs, targets = module.test_probs, module.test_targets
         metrics.update({"rounds": settings.rounds, "local_epochs": settings.local_epochs,
                         "num_clients": sim.num_clients, "strategy": strategy.name, "backend": root.fl_backend,
+                        "select": settings.select, "selected_round": selected_round,
+                        # the global model the run tested (and predict.py loads); the last round's may differ
+                        "selected_checkpoint": str(checkpoint_path(out, selected_round)),
                         "final_checkpoint": str(checkpoint_path(out, settings.rounds)),
                         "model/params": sum(p.numel() for p in global_module.net.parameters()),
                         # rounds of an interrupted run count with the time they took then

@@ -1,7 +1,8 @@
 """A finished run's model with its preprocessing and class names, from nothing but its run directory.
 
 Which weights: the model the run itself reports — a centralized run's ``best_checkpoint`` (lowest ``val/loss``,
-the one it tested), a federated run's ``final_checkpoint`` (the last round's global model). Checkpoints are read
+the one it tested), a federated run's ``selected_checkpoint`` (the round it tested: the last, or the best by
+validation with ``fl.select=best``; older runs: ``final_checkpoint``). Checkpoints are read
 with ``torch.load(weights_only=True)``: tensors and plain containers only, never pickled code. The network is
 rebuilt by the composition root from the run's own ``.hydra/config.yaml`` (DP runs get the same GroupNorm and
 other replacements they were trained with), so the saved weights load strictly.
@@ -82,7 +83,8 @@ def find_checkpoint(run_dir: str | Path) -> Checkpoint:
         # no best checkpoint was saved (e.g. dp=true: DP-SGD's own optimizer steps leave Lightning's global_step at
         # 0, so ModelCheckpoint saves only last.ckpt): the run then tested its final weights, which last.ckpt holds
         return Checkpoint(last, "lightning", "the final weights the run tested (last.ckpt; it saved no best)")
-    for key, kind, what in (("final_checkpoint", "round", "the final global model"),
+    for key, kind, what in (("selected_checkpoint", "round", "the global model the run tested"),
+                            ("final_checkpoint", "round", "the final global model"),
                             ("best_checkpoint", "lightning", "the best checkpoint by val/loss")):
         if key not in metrics:
             continue
