@@ -5,7 +5,9 @@ from __future__ import annotations
 import copy
 import csv
 import functools
+import gc
 import json
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -247,6 +249,34 @@ def _toy_client(mu: float) -> tuple[float, float]:
     res = client.fit(start, 1, config)
     dist = sum(float((res.weights[k] - start[k]).norm() ** 2) for k in start) ** 0.5
     return dist, res.metrics["train/loss"]
+
+
+def test_a_local_fit_frees_its_optimizer_without_waiting_for_the_garbage_collector() -> None:
+    """Lightning's trainers are reference cycles; the client must not leave each round's optimizer state to them
+    (it grew a 20-round resnet18 run to 11.5 GB)."""
+    seen: list[weakref.ref] = []
+
+    class Watch(pl.Callback):
+        def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            seen.append(weakref.ref(trainer.optimizers[0]))
+
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))
+    images = np.random.default_rng(0).integers(0, 255, (32, 8, 8, 3), dtype=np.uint8)
+    dm = ArrayDataModule(images, np.arange(32) % 4, train_idx=np.arange(32), batch_size=8, classes=list("abcd"))
+
+    def make_trainer(callbacks: list[pl.Callback], **kwargs: object) -> pl.Trainer:
+        return pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                          callbacks=[*callbacks, Watch()], **kwargs)
+
+    client = FLClient(0, ClassifierModule(net, 4), dm, make_trainer)
+    gc.collect()
+    gc.disable()  # only reference counting frees anything now
+    try:
+        for r in (1, 2):
+            client.fit(client.get_weights(), r, {"seed": 1, "local_epochs": 1})
+        assert len(seen) == 2 and all(ref() is None for ref in seen)
+    finally:
+        gc.enable()
 
 
 def test_fedprox_keeps_clients_near_the_global_model() -> None:

@@ -166,6 +166,10 @@ class FLClient:
             trainer = self.make_trainer(max_epochs=int(config["local_epochs"]), callbacks=callbacks, **kwargs)
             trainer.fit(self.module, datamodule=self.datamodule)
         done = trainer.callback_metrics
+        # The finished trainer is garbage, but in reference cycles (its loops point back at it) that only a full
+        # gc pass frees; until then it keeps its optimizer, whose state (Adam: twice the model) piled up round after
+        # round (resnet18, 5 clients, all_pbs: ~0.6 GB a round, 11.5 GB by round 18). Dropping it frees it now.
+        trainer.strategy.optimizers = []
         return {k: float(done[k]) for k in LOCAL_METRICS if k in done}
 
     def _keep_locally(self, server_round: int, metrics: dict[str, float]) -> None:
