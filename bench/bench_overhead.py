@@ -9,6 +9,9 @@ test on the selected checkpoint — for each ``--variant`` (a name and overrides
 Per step (``--mode steps``): seconds per training step of the same network on the same batches, plain, with
 bloodfl's per-step additions but no Lightning, and inside Lightning's loop (``run_steps``).
 
+Evaluation layout (``--mode eval``): the server's test-split evaluation of a global model (``--fl-dataset``,
+``--fl-model``) with the network in NCHW and in channels-last layout (what ``GlobalEvaluator`` uses), alternating.
+
 Federated (``--mode fl``): ``federate(cfg)`` for each client count in ``--clients`` (synthetic data, simple_cnn by
 default), with rounds.csv's ``seconds``/``fit_seconds``/``eval_seconds`` and timers around each client's local
 ``trainer.fit`` (the rest of a client's fit is building its trainer, copying state dicts in and out), the
@@ -17,6 +20,7 @@ aggregation and the round checkpoint (the learning-curve figure is drawn once, a
     python bench/bench_overhead.py --mode train --data-dir ../shared/data --epochs 3 --repeats 2   # docs/parity.md
     python bench/bench_overhead.py --mode fl --clients 5 20 100 --rounds 3                        # docs/parity.md
     python bench/bench_overhead.py --mode steps --data-dir ../shared/data --steps 20 --repeats 3  # docs/parity.md
+    python bench/bench_overhead.py --mode eval --fl-dataset all_pbs --repeats 5                   # docs/parity.md
 
 Results go to ``--out`` (default logs/bench_overhead/<time>/overhead.json, never committed). Other processes
 on the machine distort the times; the load average is recorded.
@@ -249,6 +253,42 @@ def startup_seconds() -> float:
     return time.perf_counter() - t0
 
 
+def run_eval_layouts(a: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """The server's evaluation of a global model on the test split (what ``GlobalEvaluator`` runs after a round),
+    with the network in NCHW and in channels-last memory layout, alternating; seconds per evaluation."""
+    from omegaconf import open_dict
+
+    from bloodfl.compose import Root
+    from bloodfl.fl.client import quiet_lightning
+
+    cfg = compose_cfg([f"dataset={a.fl_dataset}", f"model={a.fl_model}", f"paths.data_dir={a.data_dir}",
+                       "logger=none", *a.fl_extra], out, "federate")
+    with open_dict(cfg):
+        cfg.paths.cache_dir = str(a.cache)
+    root = Root(cfg)
+    dm = root.datamodule()
+    dm.setup("fit")
+    held = root.held_out_datamodule(dm)
+    module = root.module(root.network(dm.num_classes), dm.num_classes, dm.class_counts("train"))
+    make_trainer = root.trainer_factory()
+    layouts = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+    seconds: dict[str, list[float]] = {k: [] for k in layouts}
+    probs: dict[str, torch.Tensor] = {}
+    for rep in range(a.repeats + 1):  # the first pass of each warms up
+        for name in (layouts if rep % 2 == 0 else list(layouts)[::-1]):
+            module.net.to(memory_format=layouts[name])
+            t0 = time.perf_counter()
+            with quiet_lightning():
+                make_trainer(enable_progress_bar=False).test(module, datamodule=held, verbose=False)
+            if rep:
+                seconds[name].append(time.perf_counter() - t0)
+            probs[name] = module.test_probs
+    med = {k: statistics.median(v) for k, v in seconds.items()}
+    return {"dataset": a.fl_dataset, "model": a.fl_model, "test_images": len(held.idx["test"]), "seconds": seconds,
+            "median_s": med, "nchw/channels_last": med["nchw"] / med["channels_last"],
+            "max_prob_difference": float((probs["nchw"] - probs["channels_last"]).abs().max())}
+
+
 def run_fl(a: argparse.Namespace, clients: int, out: Path) -> dict[str, Any]:
     import bloodfl.fl.loop as loop
     from bloodfl.fl.client import FLClient
@@ -297,7 +337,7 @@ def run_fl(a: argparse.Namespace, clients: int, out: Path) -> dict[str, Any]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--mode", choices=["train", "fl", "steps"], default="train")
+    p.add_argument("--mode", choices=["train", "fl", "steps", "eval"], default="train")
     p.add_argument("--steps", type=int, default=20, help="--mode steps: training steps per way and repeat")
     p.add_argument("--data-dir", default=os.environ.get("BLOODFL_DATA", str(ROOT.parent / "shared" / "data")))
     p.add_argument("--dataset", default="all_pbs")
@@ -339,6 +379,8 @@ def main() -> None:
         summary["median_wall"] = {v: statistics.median(r["wall"] for r in rs) for v, rs in runs.items()}
     elif a.mode == "steps":
         summary["steps"] = run_steps(a)
+    elif a.mode == "eval":
+        summary["eval"] = run_eval_layouts(a, work / "eval")
     else:
         summary["fl"] = []
         for n in a.clients:

@@ -176,18 +176,23 @@ def train_curve(out: Path, epochs: int) -> list[float]:
     return [float(r["val/acc"]) for r in rows[:epochs]]
 
 
-def round_curve(cfg: Any, out: Path, a: argparse.Namespace) -> list[float]:
-    """Validation accuracy of the global model after every round, from the round checkpoints (not timed)."""
+def round_curves(cfg: Any, out: Path, a: argparse.Namespace) -> dict[str, list[float]]:
+    """The global model after every round, from the round checkpoints (not timed): validation loss and accuracy,
+    and test accuracy, so that a run can be read both ways, testing its last round or its best-validation one."""
     dm = Root(cfg).datamodule()
     dm.setup("fit")
-    x, y = split_tensors(dm, "val")
+    dm.setup("test")
+    val, test = split_tensors(dm, "val"), split_tensors(dm, "test")
     net = build_classifier(a.model, dm.num_classes, a.image_size)
-    curve = []
+    curves: dict[str, list[float]] = {"val_loss": [], "val_acc": [], "test_acc_per_round": []}
     for path in sorted((out / "checkpoints").glob("round_*.pt")):
         weights = torch.load(path, map_location="cpu", weights_only=True)["weights"]
         net.load_state_dict(weights)
-        curve.append(evaluate(net, x, y, a.batch_size)[1])
-    return curve
+        loss, acc = evaluate(net, *val, a.batch_size)
+        curves["val_loss"].append(loss)
+        curves["val_acc"].append(acc)
+        curves["test_acc_per_round"].append(evaluate(net, *test, a.batch_size)[1])
+    return curves
 
 
 def timed(fn: Any, *args: Any) -> tuple[Any, dict[str, float]]:
@@ -216,7 +221,7 @@ def run_variant(kind: str, a: argparse.Namespace, work: Path, rep: int) -> dict[
     with open(out / "rounds.csv") as fh:
         rows = list(csv.DictReader(fh))
     split = {k: sum(float(r[k]) for r in rows) for k in ("seconds", "fit_seconds", "eval_seconds")}
-    return {"val_acc": round_curve(cfg, out, a), "test/acc": metrics["test/acc"], "rounds_csv": split,
+    return {**round_curves(cfg, out, a), "test/acc": metrics["test/acc"], "rounds_csv": split,
             "selected_round": metrics["selected_round"], **t}
 
 
