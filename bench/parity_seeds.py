@@ -37,9 +37,12 @@ def load(dirs: list[Path]) -> list[dict[str, Any]]:
         run["median"].update({k: v for k, v in res["median"].items() if v is not None})
         run.update({k: first[k] for k in VARIANTS if k in first})
         run.setdefault("all_settings", []).append(res["settings"])
-    sets = {json.dumps({k: v for k, v in s.items() if k not in PER_RUN}, sort_keys=True)
-            for r in by_seed.values() for s in r["all_settings"]}
-    if len(sets) > 1:
+    every = [s for r in by_seed.values() for s in r["all_settings"]]
+    own = {"train_args": "train", "fed_args": "federate"}  # overrides of one variant: compared where it ran
+    sets = {json.dumps({k: v for k, v in s.items() if k not in (*PER_RUN, *own)}, sort_keys=True) for s in every}
+    for key, kind in own.items():
+        sets |= {f"{key}={json.dumps(s.get(key, []))}" for s in every if kind in s["variants"]}
+    if len(sets) > 1 + sum(any(kind in s["variants"] for s in every) for kind in own.values()):
         raise SystemExit("the folders were run with different settings (other than --seed and --variants); "
                          "summarise alike runs")
     return sorted(by_seed.values(), key=lambda r: r["seed"])
@@ -63,16 +66,36 @@ def table(runs: list[dict[str, Any]]) -> str:
                           "federate/plain_fed wall", "federate/plain_fed cpu")
               if all(r["median"].get(k) is not None for r in runs)]
     head += [f"{g[0]} (points)" for g in gaps] + ratios
+    # a federated run read both ways (bench_vs_plain records each round's test accuracy): its last round too
+    last = "federate" in kinds and all("test_acc_per_round" in r["federate"] for r in runs)
+    if last:
+        head[1 + kinds.index("federate")] += " (tested round)"
+        head.insert(2 + kinds.index("federate"), "federate last round test acc %")
+        if "train" in kinds:
+            head.insert(len(head) - len(ratios), "federate last round − train (points)")
     rows = []
     for r in runs:
         acc = {k: 100 * r[k]["test/acc"] for k in kinds}
-        rows.append([str(r["seed"]), *(f"{acc[k]:.2f}" for k in kinds),
-                     *(f"{acc[a] - acc[b]:+.2f}" for _, a, b in gaps), *(f"{r['median'][k]:.2f}" for k in ratios)])
+        cells = [f"{acc[k]:.2f}" for k in kinds]
+        gap_cells = [f"{acc[a] - acc[b]:+.2f}" for _, a, b in gaps]
+        if last:
+            fed = r["federate"]
+            i = kinds.index("federate")
+            cells[i] += f" ({fed.get('selected_round', len(fed['test_acc_per_round']))})"
+            cells.insert(i + 1, f"{100 * fed['test_acc_per_round'][-1]:.2f}")
+            if "train" in kinds:
+                gap_cells.append(f"{100 * fed['test_acc_per_round'][-1] - acc['train']:+.2f}")
+        rows.append([str(r["seed"]), *cells, *gap_cells, *(f"{r['median'][k]:.2f}" for k in ratios)])
     mean = ["**mean**"]
     for k in kinds:
         mean.append(f"**{statistics.mean(100 * r[k]['test/acc'] for r in runs):.2f}**")
+        if last and k == "federate":
+            mean.append(f"**{statistics.mean(100 * r[k]['test_acc_per_round'][-1] for r in runs):.2f}**")
     for _, a, b in gaps:
         mean.append(f"**{statistics.mean(100 * (r[a]['test/acc'] - r[b]['test/acc']) for r in runs):+.2f}**")
+    if last and "train" in kinds:
+        gap = statistics.mean(100 * (r["federate"]["test_acc_per_round"][-1] - r["train"]["test/acc"]) for r in runs)
+        mean.append(f"**{gap:+.2f}**")
     mean += [f"**{statistics.median(r['median'][k] for r in runs):.2f}** (median)" for k in ratios]
     rows.append(mean)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
