@@ -11,9 +11,7 @@ from bloodfl.fl.compare import compare, split_overrides
 def test_fl_overrides_go_to_the_federated_run_only() -> None:
     central, fed = split_overrides(["dataset=all_pbs", "fl.rounds=3", "fl=dipto2023", "+fl.x=1", "seed=3"])
     assert central == ["dataset=all_pbs", "seed=3"]
-    # the federated run selects by validation loss, as the centralized run does, unless told otherwise
-    assert fed == ["dataset=all_pbs", "fl.rounds=3", "fl=dipto2023", "+fl.x=1", "seed=3", "fl.select=best"]
-    assert split_overrides(["fl.select=last"])[1] == ["fl.select=last"]
+    assert fed == ["dataset=all_pbs", "fl.rounds=3", "fl=dipto2023", "+fl.x=1", "seed=3"]
 
 
 def test_compare_writes_both_runs_and_the_table(tmp_path: Path) -> None:
@@ -23,7 +21,7 @@ def test_compare_writes_both_runs_and_the_table(tmp_path: Path) -> None:
     central = json.loads((tmp_path / "central" / "metrics.json").read_text())
     federated = json.loads((tmp_path / "federated" / "metrics.json").read_text())
     assert central["epochs"] == 2  # fl.rounds x fl.local_epochs
-    assert federated["rounds"] == 2 and federated["select"] == "best"
+    assert federated["rounds"] == 2 and federated["select"] == "last"
     table = {r[0]: r[1:] for r in rows[1:]}
     assert float(table["test/acc"][0]) == round(central["test/acc"], 4)
     assert float(table["test/acc"][1]) == round(federated["test/acc"], 4)

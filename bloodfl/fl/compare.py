@@ -5,9 +5,10 @@
 
 Every override goes to both runs except ``fl.*``/``fl=`` (federated only); the centralized run gets
 ``trainer.max_epochs = fl.rounds * fl.local_epochs``, the same number of passes over the training images.
-Both start from the same initial weights (the same seed, set before the model is built). Both select by
-validation loss: the centralized run tests its best-validation-loss checkpoint, the federated run its
-best-validation-loss round (``fl.select=best``, unless an ``fl.select`` override says otherwise).
+Both start from the same initial weights (the same seed, set before the model is built). The centralized run
+reports its best-validation-loss checkpoint on the test set, the federated run what ``federate.py`` tests: its
+final global model, or with ``fl.select=best`` its best-validation round (for FedAvg on all_pbs that selection
+tested worse than the last round: docs/parity.md, "Session 10").
 Outputs: ``<out>/central/``, ``<out>/federated/`` (each a normal run directory), ``<out>/compare.csv`` and
 ``<out>/compare.md``.
 """
@@ -52,8 +53,7 @@ def _compose(config_name: str, overrides: Sequence[str], out: Path) -> DictConfi
 def split_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
     """(overrides for the centralized run, overrides for the federated run)."""
     fl_only = [o for o in overrides if o.lstrip("+~").startswith(("fl.", "fl="))]
-    select = [] if any(o.lstrip("+~").startswith("fl.select=") for o in fl_only) else ["fl.select=best"]
-    return [o for o in overrides if o not in fl_only], [*overrides, *select]
+    return [o for o in overrides if o not in fl_only], list(overrides)
 
 
 def write_table(out: Path, central: dict[str, Any], federated: dict[str, Any]) -> list[list[str]]:
