@@ -410,7 +410,8 @@ class Root:
                              fraction_fit=float(fl.fraction_fit), seed=self.seed,
                              keep_checkpoints=fl.get("keep_checkpoints"), eval_every=int(fl.get("eval_every", 1)),
                              select=str(fl.get("select", "last")), monitor=str(fl.get("monitor", "val/loss")),
-                             mode=str(fl.get("mode", "min")))
+                             mode=str(fl.get("mode", "min")), bn_stats=str(fl.get("bn_stats", "recompute")),
+                             bn_batches=int(fl.get("bn_batches", 2)))
 
     def shards(self, dm: BloodDataModule) -> list[np.ndarray]:
         from bloodfl.fl.partition import partition

@@ -32,7 +32,7 @@ from tests.test_fl_run import FL_FAST, final_weights, rounds  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # a shared 2-core machine (tests/conftest.py)
 
-TIMING = ("seconds", "fit_seconds", "eval_seconds")
+TIMING = ("seconds", "fit_seconds", "bn_seconds", "eval_seconds")
 DP = ["dp='true'", "dp.target_epsilon=null", "dp.noise_multiplier=1.0"]
 
 

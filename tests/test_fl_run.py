@@ -66,7 +66,9 @@ def test_two_clients_two_rounds_outputs_and_learning(tmp_path: Path) -> None:
 
 
 def test_one_client_one_round_equals_local_training(tmp_path: Path) -> None:
-    cfg = compose_cfg([*FL_FAST, "fl.num_clients=1", "fl.rounds=1", "fl.val_fraction=0"], tmp_path, "federate")
+    # FedAvg's weights; fl.bn_stats=recompute replaces the BatchNorm statistics (test_fl_batchnorm.py)
+    cfg = compose_cfg([*FL_FAST, "fl.num_clients=1", "fl.rounds=1", "fl.val_fraction=0", "fl.bn_stats=average"],
+                      tmp_path, "federate")
     federate(cfg)
     fed = final_weights(tmp_path)
     init = load_checkpoint(list_checkpoints(tmp_path)[0][1])  # the one round
@@ -130,7 +132,7 @@ def test_resume_after_interruption_is_exact(tmp_path: Path, monkeypatch: pytest.
     for k in ma:
         if k.startswith(("test/", "val/")):
             assert ma[k] == mb[k], k
-    drop = {"seconds", "fit_seconds", "eval_seconds"}
+    drop = {"seconds", "fit_seconds", "bn_seconds", "eval_seconds"}
     assert [{k: v for k, v in r.items() if k not in drop} for r in rounds(whole)] == \
         [{k: v for k, v in r.items() if k not in drop} for r in rounds(broken)]
     with pytest.raises(BloodflError, match="finished run"):  # never overwrite a finished run

@@ -6,7 +6,9 @@ A client keeps its images and labels to itself: ``fit`` takes global weights and
 - its number of training examples, or 1 with ``release_count=False`` (uniform FedAvg weights: the count stays
   with the client; the default under DP, where only what DP protects should leave);
 - its local train/val metrics — but not under DP: they are exact statistics of private images, so a private
-  client writes them to its own log (``local_log``) and releases none.
+  client writes them to its own log (``local_log``) and releases none;
+- with ``fl.bn_stats=recompute`` and without DP, the BatchNorm running mean/var of the new global weights on a
+  few of its training batches (:meth:`FLClient.bn_statistics`, ``bloodfl.fl.batchnorm``), and how many images.
 
 Exact resume: before every local fit the client seeds Python, NumPy, torch and its loader's shuffling from
 ``(seed, round, client id)`` alone, so a round gives the same result whether or not the run was restarted.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import itertools
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,6 +31,8 @@ import pytorch_lightning as pl
 import torch
 
 from bloodfl.data.datamodule import ArrayDataModule
+from bloodfl.errors import BloodflError
+from bloodfl.fl.batchnorm import measure
 from bloodfl.fl.strategy import FitResult, Weights
 from bloodfl.training.module import ClassifierModule
 
@@ -154,6 +159,21 @@ class FLClient:
             self._keep_locally(server_round, metrics)
             metrics = {}
         return FitResult(self.get_weights(), self.num_examples if self.release_count else 1, metrics)
+
+    def bn_statistics(self, weights: Weights, server_round: int, config: dict[str, Any]) -> FitResult:
+        """BatchNorm running mean/var of the global ``weights`` on ``config['bn_batches']`` of this client's
+        training batches (augmented, as its fit sees them), and how many images (or 1, as ``fit`` counts)."""
+        if self.privacy is not None:  # not protected by DP; private networks have no BatchNorm anyway
+            raise BloodflError(f"client {self.cid} trains with DP: it does not release BatchNorm statistics of its "
+                               "images; use fl.bn_stats=average or a network without BatchNorm")
+        self.set_weights(weights)
+        seed = client_seed(int(config["seed"]), server_round, self.cid)
+        seed_all(seed)
+        self.datamodule.reseed(seed)
+        batches = (self.datamodule.to_float(x, train=True)
+                   for x, _ in itertools.islice(self.datamodule.train_dataloader(), int(config["bn_batches"])))
+        stats, seen = measure(self.module.net, batches)
+        return FitResult(stats, seen if self.release_count else 1)
 
     def train_locally(self, global_weights: Weights, config: dict[str, Any]) -> dict[str, float]:
         """One local Lightning fit; returns the local metrics of its last epoch."""

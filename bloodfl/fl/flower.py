@@ -14,6 +14,11 @@ What crosses the wire, per round and sampled client:
 - client -> server: ArrayRecord ``arrays`` (its weights after the local fit) and MetricRecord ``metrics`` with
   ``num-examples``: its count, or 1 with ``fl.weighting=uniform`` (the default under DP), plus its local
   train/val metrics -- but none under DP (``FLClient.fit`` keeps them in the site's own log);
+- with ``fl.bn_stats=recompute`` and a network with BatchNorm (never under DP: private networks have none),
+  after each aggregation: server -> client (message type ``query.bn_stats``) the new global weights and
+  ``bn_config``; client -> server the BatchNorm running mean/var of those weights on a few of its training
+  batches (ArrayRecord ``arrays``) and their image count (``num-examples``), which the server pools
+  (``bloodfl.fl.batchnorm``);
 - and a ConfigRecord ``site`` with its site id (which client it is: the node's identity, no data), so that
   rounds.csv and the aggregation order name clients as the in-process backend does. With fl.fraction_fit < 1
   the server asks every node for it once beforehand (message type ``query.site``), to sample by client id.
@@ -47,9 +52,11 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from bloodfl.compose import Root
 from bloodfl.errors import BloodflError
+from bloodfl.fl import batchnorm
 from bloodfl.fl.client import FLClient
 from bloodfl.fl.loop import (
     Simulation,
+    bn_config,
     list_checkpoints,
     load_checkpoint,
     round_config,
@@ -64,6 +71,7 @@ ARRAYS, CONFIG, METRICS, SITE = "arrays", "config", "metrics", "site"
 NUM_EXAMPLES = "num-examples"  # Flower's key for a reply's weight
 STATE_KEY = "bloodfl.client"  # the client's state in context.state (a ConfigRecord holding torch.save bytes)
 QUERY_SITE = f"{MessageType.QUERY}.site"
+QUERY_BN = f"{MessageType.QUERY}.bn_stats"
 KEEP_SITE_STATES = 2  # the state after the last round and the one before it (a replayed round starts there)
 
 
@@ -245,6 +253,20 @@ def make_client_app(spec: SiteSpec | None = None) -> ClientApp:
         return Message(RecordDict({ARRAYS: to_arrays(result.weights), METRICS: metrics, SITE: _site_record(site)}),
                        reply_to=msg)
 
+    @app.query("bn_stats")
+    def bn_stats(msg: Message, context: Context) -> Message:
+        if spec is not None and spec.torch_threads:
+            torch.set_num_threads(spec.torch_threads)
+        site = _site(context, spec)
+        config = msg.content.config_records[CONFIG]
+        client = _build_client(site, config)
+        result = client.bn_statistics(from_arrays(msg.content.array_records[ARRAYS]),
+                                      int(config["server-round"]),  # type: ignore[arg-type]
+                                      {k: v for k, v in config.items() if k not in _TRANSPORT_KEYS})
+        return Message(RecordDict({ARRAYS: to_arrays(result.weights),
+                                   METRICS: MetricRecord({NUM_EXAMPLES: int(result.num_examples)}),
+                                   SITE: _site_record(site)}), reply_to=msg)
+
     @app.query("site")
     def which_site(msg: Message, context: Context) -> Message:
         return Message(RecordDict({SITE: _site_record(_site(context, spec))}), reply_to=msg)
@@ -293,6 +315,8 @@ class FlowerStrategy(FlwrStrategy):
         self.reply_timeout = reply_timeout
         self.nodes: dict[int, int] = {}  # client id -> Flower node id
         self.sampled: list[int] = []
+        self.node_ids: list[int] = []  # the nodes of the sampled clients, this round
+        self.grid: Grid | None = None  # the grid of the running rounds (Strategy.start gives it to configure_*)
         self.t0 = 0.0
 
     def summary(self) -> None:
@@ -331,6 +355,7 @@ class FlowerStrategy(FlwrStrategy):
         else:
             self.nodes = self.nodes or self.connect(grid)
             node_ids = [self.nodes[c] for c in self.sampled]
+        self.node_ids, self.grid = node_ids, grid
         instructions = ConfigRecord({**round_config(self.sim.strategy, s, server_round), **self.wire,
                                      "server-round": server_round})
         content = RecordDict({ARRAYS: arrays, CONFIG: instructions})
@@ -350,8 +375,27 @@ class FlowerStrategy(FlwrStrategy):
         t_fit = time.perf_counter()
         sim = self.sim
         sim.weights = sim.strategy.aggregate_fit(server_round, sim.weights, results)
-        sim.record_round(server_round, self.sampled, results, self.t0, t_fit)
+        t_bn = time.perf_counter()
+        if sim.recomputes_bn:
+            sim.weights = batchnorm.with_statistics(sim.weights, batchnorm.pool(self.bn_statistics(server_round)))
+        sim.record_round(server_round, self.sampled, results, self.t0, t_fit, bn_seconds=time.perf_counter() - t_bn)
         return to_arrays(sim.weights), None
+
+    def bn_statistics(self, server_round: int) -> list[FitResult]:
+        """The round's clients' BatchNorm statistics of the new global weights (``query.bn_stats``), in client
+        order."""
+        assert self.grid is not None
+        config = ConfigRecord({**bn_config(self.sim.settings), **self.wire, "server-round": server_round})
+        content = RecordDict({ARRAYS: to_arrays(self.sim.weights), CONFIG: config})
+        asks = [Message(content, dst_node_id=nid, message_type=QUERY_BN, group_id=str(server_round))
+                for nid in self.node_ids]
+        by_client: dict[int, Message] = {}
+        for reply in _checked(list(self.grid.send_and_receive(asks, timeout=self.reply_timeout))):
+            by_client[self.site_id(reply, by_client)] = reply
+        if sorted(by_client) != self.sampled:
+            raise BloodflError(f"flower: round {server_round}: expected BatchNorm statistics from client(s) "
+                               f"{self.sampled}, got {sorted(by_client)} within {self.reply_timeout:.0f} s")
+        return [self.fit_result(by_client[c]) for c in self.sampled]
 
     def site_id(self, reply: Message, seen: dict[int, Any]) -> int:
         n = self.sim.num_clients

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from bloodfl.errors import BloodflError
+from bloodfl.fl import batchnorm
 from bloodfl.fl.client import LOCAL_METRICS, FLClient
 from bloodfl.fl.evaluator import GlobalEvaluator
 from bloodfl.fl.strategy import FitResult, Strategy, Weights
@@ -50,6 +51,8 @@ class RoundSettings:
     select: str = "last"  # which round's global model the run tests: "last", or "best" by ``monitor`` on val
     monitor: str = "val/loss"
     mode: str = "min"
+    bn_stats: str = "recompute"  # the global model's BatchNorm statistics: "recompute" by the clients | "average"
+    bn_batches: int = 2  # training batches per client for bn_stats="recompute"
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.local_epochs < 1:
@@ -68,6 +71,10 @@ class RoundSettings:
             raise BloodflError(f"fl.monitor must be one of {', '.join(monitors)}, got {self.monitor!r}")
         if self.mode not in ("min", "max"):
             raise BloodflError(f"fl.mode must be min or max, got {self.mode!r}")
+        if self.bn_stats not in ("recompute", "average"):
+            raise BloodflError(f"fl.bn_stats must be recompute or average, got {self.bn_stats!r}")
+        if self.bn_batches < 1:
+            raise BloodflError(f"fl.bn_batches must be >= 1 (training batches per client), got {self.bn_batches}")
 
     def evaluates(self, server_round: int) -> bool:
         """Whether the global model is evaluated after ``server_round``: every ``eval_every``-th and the last."""
@@ -82,6 +89,11 @@ class RoundSettings:
 def round_config(strategy: Strategy, settings: RoundSettings, server_round: int) -> dict[str, Any]:
     """What every client sampled in ``server_round`` gets besides the weights (the same for every backend)."""
     return {**strategy.configure_fit(server_round), "local_epochs": settings.local_epochs, "seed": settings.seed}
+
+
+def bn_config(settings: RoundSettings) -> dict[str, Any]:
+    """What a client gets with the new global weights to measure their BatchNorm statistics."""
+    return {"seed": settings.seed, "bn_batches": settings.bn_batches}
 
 
 def sample_clients(seed: int, server_round: int, num_clients: int, fraction: float) -> list[int]:
@@ -141,7 +153,7 @@ def rounds_columns(num_clients: int, private: bool = False, split: str = "test")
     """rounds.csv's header: what the server knows. ``private``: each client's cumulative DP epsilon (a function
     of its public DP plan) instead of its examples and local metrics, which private clients do not release."""
     cols = ["round", *(f"{split}/{m}" for m in GLOBAL_METRICS),
-            "clients", "seconds", "fit_seconds", "eval_seconds"]
+            "clients", "seconds", "fit_seconds", "bn_seconds", "eval_seconds"]
     for c in range(num_clients):
         cols += [f"client{c}/epsilon"] if private else [f"client{c}/examples",
                                                         *(f"client{c}/{k}" for k in LOCAL_METRICS)]
@@ -235,13 +247,22 @@ class Simulation:
         # ---- server side: weights and counts in, new global weights out ----
         t_fit = time.perf_counter()
         self.weights = self.strategy.aggregate_fit(r, self.weights, results)
-        return self.record_round(r, sampled, results, t0, t_fit)
+        t_bn = time.perf_counter()
+        if self.recomputes_bn:  # the round's clients measure the new global weights' BatchNorm statistics
+            stats = [self.clients[c].bn_statistics(self.weights, r, bn_config(s)) for c in sampled]
+            self.weights = batchnorm.with_statistics(self.weights, batchnorm.pool(stats))
+        return self.record_round(r, sampled, results, t0, t_fit, bn_seconds=time.perf_counter() - t_bn)
+
+    @property
+    def recomputes_bn(self) -> bool:
+        """Whether the global model's BatchNorm statistics are recomputed after each aggregation (fl.bn_stats)."""
+        return self.settings.bn_stats == "recompute" and batchnorm.has_batchnorm(self.evaluator.module.net)
 
     def record_round(self, r: int, sampled: Sequence[int], results: Sequence[FitResult], t0: float,
-                     t_fit: float) -> dict[str, Any]:
+                     t_fit: float, bn_seconds: float = 0.0) -> dict[str, Any]:
         """After round ``r``'s aggregation (``self.weights`` is the new global model): evaluate it, add the row
         to the history, checkpoint, rewrite rounds.csv and the plot, log. ``t0``/``t_fit``: perf_counter at the
-        round's start and when the last client result arrived."""
+        round's start and when the last client result arrived; ``bn_seconds``: the BatchNorm statistics pass."""
         s = self.settings
         t_agg = time.perf_counter()
         split = self.eval_split
@@ -251,7 +272,7 @@ class Simulation:
                                               if f"{split}/{m}" in metrics},
                                "clients": " ".join(map(str, sampled)),
                                "seconds": round(t_eval - t0, 3), "fit_seconds": round(t_fit - t0, 3),
-                               "eval_seconds": round(t_eval - t_agg, 3)}
+                               "bn_seconds": round(bn_seconds, 3), "eval_seconds": round(t_eval - t_agg, 3)}
         for c, res in zip(sampled, results):
             row[f"client{c}/examples"] = res.num_examples
             row.update({f"client{c}/{k}": v for k, v in res.metrics.items()})
