@@ -6,8 +6,9 @@ the problem ``torch.optim.swa_utils.update_bn`` solves for SWA's averaged weight
 here, only federated: after each aggregation the round's clients run the new global weights over a few of their
 training batches (``update_bn``: the cumulative average over the batches), and the server pools their means and
 variances (law of total variance: within-client variance plus the spread of the client means, so that non-IID
-clients give the variance of the union). Measured on pbc (resnet18, 5 IID clients, round 3): validation accuracy
-0.43 with the averaged statistics, 0.77 with statistics recomputed on 320 training images (docs/parity.md).
+clients give the variance of the union). Measured on pbc (resnet18, 5 IID clients, seed 1): test accuracy after 10
+rounds 77.3% with the averaged statistics, 91.7% recomputed on 320 training images, train.py 92.4% after 10 epochs
+(docs/parity.md, "Session 11").
 
 What a client releases is the same kind of statistic FedAvg already sends (running mean/var, now for the global
 weights) and only without DP: under DP the networks have no BatchNorm (Opacus' GroupNorm), and a private client
