@@ -60,16 +60,16 @@ def pool(results: Sequence[FitResult]) -> Weights:
     if not results:
         raise ValueError("no BatchNorm statistics to pool")
     total = float(sum(r.num_examples for r in results))
+    w = [r.num_examples / total for r in results]
     pooled: Weights = {}
     for key in results[0].weights:
         if not key.endswith(".running_mean"):
             continue
         layer = key[: -len(".running_mean")]
-        w = [r.num_examples / total for r in results]
         means = [r.weights[key].double() for r in results]
-        var_keys = [r.weights[f"{layer}.running_var"].double() for r in results]
+        variances = [r.weights[f"{layer}.running_var"].double() for r in results]
         mean = sum(wi * m for wi, m in zip(w, means))
-        var = sum(wi * (v + (m - mean) ** 2) for wi, v, m in zip(w, var_keys, means))
+        var = sum(wi * (v + (m - mean) ** 2) for wi, v, m in zip(w, variances, means))
         dtype = results[0].weights[key].dtype
         pooled[key], pooled[f"{layer}.running_var"] = mean.to(dtype), var.to(dtype)
     return pooled

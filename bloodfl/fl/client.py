@@ -150,10 +150,7 @@ class FLClient:
 
     def fit(self, weights: Weights, server_round: int, config: dict[str, Any]) -> FitResult:
         """Load the global weights, train ``config['local_epochs']`` epochs locally, return the update."""
-        self.set_weights(weights)
-        seed = client_seed(int(config["seed"]), server_round, self.cid)
-        seed_all(seed)
-        self.datamodule.reseed(seed)
+        self._start(weights, server_round, config)
         metrics = self.train_locally(weights, config)
         if self.privacy is not None:  # exact statistics of private images: they stay here
             self._keep_locally(server_round, metrics)
@@ -166,14 +163,18 @@ class FLClient:
         if self.privacy is not None:  # not protected by DP; private networks have no BatchNorm anyway
             raise BloodflError(f"client {self.cid} trains with DP: it does not release BatchNorm statistics of its "
                                "images; use fl.bn_stats=average or a network without BatchNorm")
-        self.set_weights(weights)
-        seed = client_seed(int(config["seed"]), server_round, self.cid)
-        seed_all(seed)
-        self.datamodule.reseed(seed)
+        self._start(weights, server_round, config)
         batches = (self.datamodule.to_float(x, train=True)
                    for x, _ in itertools.islice(self.datamodule.train_dataloader(), int(config["bn_batches"])))
         stats, seen = measure(self.module.net, batches)
         return FitResult(stats, seen if self.release_count else 1)
+
+    def _start(self, weights: Weights, server_round: int, config: dict[str, Any]) -> None:
+        """Load the global weights and seed everything from (seed, round, client id) alone (exact resume)."""
+        self.set_weights(weights)
+        seed = client_seed(int(config["seed"]), server_round, self.cid)
+        seed_all(seed)
+        self.datamodule.reseed(seed)
 
     def train_locally(self, global_weights: Weights, config: dict[str, Any]) -> dict[str, float]:
         """One local Lightning fit; returns the local metrics of its last epoch."""

@@ -52,7 +52,6 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from bloodfl.compose import Root
 from bloodfl.errors import BloodflError
-from bloodfl.fl import batchnorm
 from bloodfl.fl.client import FLClient
 from bloodfl.fl.loop import (
     Simulation,
@@ -236,17 +235,20 @@ def make_client_app(spec: SiteSpec | None = None) -> ClientApp:
     the run config's ``overrides``, the site from the SuperNode's ``--node-config``)."""
     app = ClientApp()
 
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
+    def open_request(msg: Message, context: Context) -> tuple[Site, FLClient, Weights, int, dict[str, Any]]:
+        """(site, its client, the global weights, the round, the instructions) of a train or bn_stats message."""
         if spec is not None and spec.torch_threads:
             torch.set_num_threads(spec.torch_threads)
         site = _site(context, spec)
         config = msg.content.config_records[CONFIG]
-        server_round = int(config["server-round"])  # type: ignore[arg-type]
-        client = _build_client(site, config)
-        _restore(client, context, site, server_round)
-        weights = from_arrays(msg.content.array_records[ARRAYS])
         instructions = {k: v for k, v in config.items() if k not in _TRANSPORT_KEYS}
+        return (site, _build_client(site, config), from_arrays(msg.content.array_records[ARRAYS]),
+                int(config["server-round"]), instructions)  # type: ignore[arg-type]
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        site, client, weights, server_round, instructions = open_request(msg, context)
+        _restore(client, context, site, server_round)
         result = client.fit(weights, server_round, instructions)
         _save(client, context, site, server_round)
         metrics = MetricRecord({NUM_EXAMPLES: int(result.num_examples), **result.metrics})
@@ -255,14 +257,8 @@ def make_client_app(spec: SiteSpec | None = None) -> ClientApp:
 
     @app.query("bn_stats")
     def bn_stats(msg: Message, context: Context) -> Message:
-        if spec is not None and spec.torch_threads:
-            torch.set_num_threads(spec.torch_threads)
-        site = _site(context, spec)
-        config = msg.content.config_records[CONFIG]
-        client = _build_client(site, config)
-        result = client.bn_statistics(from_arrays(msg.content.array_records[ARRAYS]),
-                                      int(config["server-round"]),  # type: ignore[arg-type]
-                                      {k: v for k, v in config.items() if k not in _TRANSPORT_KEYS})
+        site, client, weights, server_round, instructions = open_request(msg, context)
+        result = client.bn_statistics(weights, server_round, instructions)
         return Message(RecordDict({ARRAYS: to_arrays(result.weights),
                                    METRICS: MetricRecord({NUM_EXAMPLES: int(result.num_examples)}),
                                    SITE: _site_record(site)}), reply_to=msg)
@@ -375,10 +371,7 @@ class FlowerStrategy(FlwrStrategy):
         t_fit = time.perf_counter()
         sim = self.sim
         sim.weights = sim.strategy.aggregate_fit(server_round, sim.weights, results)
-        t_bn = time.perf_counter()
-        if sim.recomputes_bn:
-            sim.weights = batchnorm.with_statistics(sim.weights, batchnorm.pool(self.bn_statistics(server_round)))
-        sim.record_round(server_round, self.sampled, results, self.t0, t_fit, bn_seconds=time.perf_counter() - t_bn)
+        sim.record_round(server_round, self.sampled, results, self.t0, t_fit, lambda: self.bn_statistics(server_round))
         return to_arrays(sim.weights), None
 
     def bn_statistics(self, server_round: int) -> list[FitResult]:

@@ -247,11 +247,11 @@ class Simulation:
         # ---- server side: weights and counts in, new global weights out ----
         t_fit = time.perf_counter()
         self.weights = self.strategy.aggregate_fit(r, self.weights, results)
-        t_bn = time.perf_counter()
-        if self.recomputes_bn:  # the round's clients measure the new global weights' BatchNorm statistics
-            stats = [self.clients[c].bn_statistics(self.weights, r, bn_config(s)) for c in sampled]
-            self.weights = batchnorm.with_statistics(self.weights, batchnorm.pool(stats))
-        return self.record_round(r, sampled, results, t0, t_fit, bn_seconds=time.perf_counter() - t_bn)
+
+        def bn_statistics() -> list[FitResult]:  # client side, as the fits
+            return [self.clients[c].bn_statistics(self.weights, r, bn_config(s)) for c in sampled]
+
+        return self.record_round(r, sampled, results, t0, t_fit, bn_statistics)
 
     @property
     def recomputes_bn(self) -> bool:
@@ -259,11 +259,15 @@ class Simulation:
         return self.settings.bn_stats == "recompute" and batchnorm.has_batchnorm(self.evaluator.module.net)
 
     def record_round(self, r: int, sampled: Sequence[int], results: Sequence[FitResult], t0: float,
-                     t_fit: float, bn_seconds: float = 0.0) -> dict[str, Any]:
-        """After round ``r``'s aggregation (``self.weights`` is the new global model): evaluate it, add the row
-        to the history, checkpoint, rewrite rounds.csv and the plot, log. ``t0``/``t_fit``: perf_counter at the
-        round's start and when the last client result arrived; ``bn_seconds``: the BatchNorm statistics pass."""
+                     t_fit: float, bn_statistics: Callable[[], Sequence[FitResult]]) -> dict[str, Any]:
+        """After round ``r``'s aggregation (``self.weights`` is the new global model): with ``fl.bn_stats=recompute``
+        put the pooled ``bn_statistics()`` of the round's clients into it, evaluate it, add the row to the history,
+        checkpoint, rewrite rounds.csv and the plot, log. ``t0``/``t_fit``: perf_counter at the round's start and
+        when the last client result arrived."""
         s = self.settings
+        t_bn = time.perf_counter()
+        if self.recomputes_bn:  # the round's clients measure the new global weights' BatchNorm statistics
+            self.weights = batchnorm.with_statistics(self.weights, batchnorm.pool(bn_statistics()))
         t_agg = time.perf_counter()
         split = self.eval_split
         metrics = self.evaluator.evaluate(self.weights, split) if s.evaluates(r) else {}
@@ -272,7 +276,7 @@ class Simulation:
                                               if f"{split}/{m}" in metrics},
                                "clients": " ".join(map(str, sampled)),
                                "seconds": round(t_eval - t0, 3), "fit_seconds": round(t_fit - t0, 3),
-                               "bn_seconds": round(bn_seconds, 3), "eval_seconds": round(t_eval - t_agg, 3)}
+                               "bn_seconds": round(t_agg - t_bn, 3), "eval_seconds": round(t_eval - t_agg, 3)}
         for c, res in zip(sampled, results):
             row[f"client{c}/examples"] = res.num_examples
             row.update({f"client{c}/{k}": v for k, v in res.metrics.items()})
