@@ -7,10 +7,13 @@ federated run (e.g. a ``bench_vs_plain.py --variants federate`` work dir) both w
 checkpoint, and with statistics recomputed for its weights on ``--images`` random training images
 (``bloodfl.fl.batchnorm.measure``, what the clients do, here on the pooled training split). Validation accuracy
 and loss and test accuracy per round go to ``<out>/bn_stats.json`` and a plot, with train.py's validation curve
-beside them when ``--train-metrics`` names its CSV log.
+beside them when ``--train-metrics`` names its CSV log. With ``--draws N`` it instead recomputes the last round's
+statistics N times for each ``--images`` count: how much the result depends on the draw (``fl.bn_batches``).
 
     python bench/bench_bn_stats.py /tmp/bench_vs_plain_XXXX/federate_0 --dataset pbc --seed 1 \\
         --train-metrics /tmp/bench_vs_plain_YYYY/train_0/csv/metrics.csv --out docs --name parity_pbc_bn_stats
+    python bench/bench_bn_stats.py /tmp/bench_vs_plain_XXXX/federate_0 --dataset pbc --seed 1 \
+        --images 160 320 640 1280 --draws 5 --out docs --name parity_pbc_bn_draws
 """
 
 from __future__ import annotations
@@ -36,13 +39,19 @@ from bloodfl.fl.batchnorm import measure  # noqa: E402
 from bloodfl.models import build_classifier  # noqa: E402
 
 
-def curves(run: Path, a: argparse.Namespace) -> list[dict[str, Any]]:
+def setup(a: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor, tuple, tuple]:
+    """The run's network (untrained) and its split's train images, (val x, y) and (test x, y) as tensors."""
     cfg = compose(a, [], Path(a.work) / "cfg", "train", Path(a.work) / "cache")
     dm = Root(cfg).datamodule()
     dm.setup("fit")
     dm.setup("test")
     (xtr, _), val, test = split_tensors(dm, "train"), split_tensors(dm, "val"), split_tensors(dm, "test")
     net = build_classifier(a.model, dm.num_classes, a.image_size)
+    return net, xtr, val, test
+
+
+def curves(run: Path, a: argparse.Namespace) -> list[dict[str, Any]]:
+    net, xtr, val, test = setup(a)
     gen = torch.Generator().manual_seed(a.seed)
     rows = []
     for path in sorted((run / "checkpoints").glob("round_*.pt")):
@@ -57,6 +66,40 @@ def curves(run: Path, a: argparse.Namespace) -> list[dict[str, Any]]:
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
+
+
+def draws(run: Path, a: argparse.Namespace) -> list[dict[str, Any]]:
+    """The last round's weights with statistics recomputed ``--draws`` times on each ``--images`` count: how much
+    the evaluated model depends on which training images the statistics come from (``fl.bn_batches``)."""
+    net, xtr, val, test = setup(a)
+    ckpts = {int(p.stem.split("_")[1]): p for p in (run / "checkpoints").glob("round_*.pt")}
+    last = ckpts[a.round or max(ckpts)]
+    weights = torch.load(last, map_location="cpu", weights_only=True)["weights"]
+    gen = torch.Generator().manual_seed(a.seed)
+    rows = []
+    for images in a.images:
+        for d in range(a.draws):
+            net.load_state_dict(weights)
+            sub = torch.randperm(len(xtr), generator=gen)[:images]
+            measure(net, (xtr[sub[i:i + a.batch_size]] for i in range(0, len(sub), a.batch_size)))
+            row: dict[str, Any] = {"round": int(last.stem.split("_")[1]), "images": images, "draw": d}
+            row["val_loss"], row["val_acc"] = evaluate(net, *val, a.batch_size)
+            row["test_acc"] = evaluate(net, *test, a.batch_size)[1]
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
+def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for images in sorted({r["images"] for r in rows}):
+        acc = torch.tensor([r["test_acc"] for r in rows if r["images"] == images], dtype=torch.float64)
+        val = torch.tensor([r["val_acc"] for r in rows if r["images"] == images], dtype=torch.float64)
+        out.append({"images": images, "draws": len(acc), "test_acc_mean": acc.mean().item(),
+                    "test_acc_sd": acc.std().item() if len(acc) > 1 else 0.0,
+                    "test_acc_min": acc.min().item(), "test_acc_max": acc.max().item(),
+                    "val_acc_mean": val.mean().item(), "val_acc_sd": val.std().item() if len(val) > 1 else 0.0})
+    return out
 
 
 def train_curve(path: Path) -> list[float]:
@@ -92,7 +135,12 @@ def main() -> None:
     p.add_argument("--model", default="resnet18")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=1, help="the run's seed (its split)")
-    p.add_argument("--images", type=int, default=320, help="training images for the recomputed statistics")
+    p.add_argument("--images", type=int, nargs="+", default=[320],
+                   help="training images for the recomputed statistics (several only with --draws)")
+    p.add_argument("--draws", type=int, default=0,
+                   help="instead of the per-round curves: the last round, statistics recomputed this many times "
+                        "for each --images count")
+    p.add_argument("--round", type=int, default=0, help="with --draws: the round (default: the last)")
     p.add_argument("--train-metrics", type=Path, default=None, help="train.py's csv/metrics.csv, for its curve")
     p.add_argument("--work", default=None, help="config and decoded-image cache folder (default: <run>/..)")
     p.add_argument("--out", type=Path, default=ROOT / "logs" / "bench_bn_stats")
@@ -101,9 +149,20 @@ def main() -> None:
     torch.set_num_threads(1)
     a.data_dir = str(Path(a.data_dir).resolve())
     a.work = a.work or str(a.run.parent)
+    a.out.mkdir(parents=True, exist_ok=True)
+    if a.draws:
+        rows = draws(a.run, a)
+        result = {"command": " ".join(sys.argv), "draws": rows, "summary": summary(rows)}
+        (a.out / f"{a.name}.json").write_text(json.dumps(result, indent=1))
+        for s in result["summary"]:
+            print(json.dumps(s))
+        print(f"results in {a.out / a.name}.json")
+        return
+    if len(a.images) != 1:
+        p.error("several --images counts need --draws")
+    a.images = a.images[0]
     rows = curves(a.run, a)
     train = train_curve(a.train_metrics) if a.train_metrics else []
-    a.out.mkdir(parents=True, exist_ok=True)
     (a.out / f"{a.name}.json").write_text(json.dumps({"command": " ".join(sys.argv), "rounds": rows,
                                                       "train_val_acc": train}, indent=1))
     plot(a.out / f"{a.name}.png", rows, train, a)
