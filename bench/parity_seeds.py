@@ -30,6 +30,8 @@ def load(dirs: list[Path]) -> list[dict[str, Any]]:
     are only those measured within one folder."""
     by_seed: dict[int, dict[str, Any]] = {}
     for d in dirs:
+        if not (d / "results.json").is_file():
+            raise SystemExit(f"{d} has no results.json: pass the --out folders of finished bench_vs_plain.py runs")
         res = json.loads((d / "results.json").read_text())
         first = res["repeats"][0]  # the accuracy of a seed is deterministic: every repeat gives the same curve
         run = by_seed.setdefault(res["settings"]["seed"], {"seed": res["settings"]["seed"],
