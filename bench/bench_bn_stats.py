@@ -12,7 +12,7 @@ statistics N times for each ``--images`` count: how much the result depends on t
 
     python bench/bench_bn_stats.py /tmp/bench_vs_plain_XXXX/federate_0 --dataset pbc --seed 1 \\
         --train-metrics /tmp/bench_vs_plain_YYYY/train_0/csv/metrics.csv --out docs --name parity_pbc_bn_stats
-    python bench/bench_bn_stats.py /tmp/bench_vs_plain_XXXX/federate_0 --dataset pbc --seed 1 \
+    python bench/bench_bn_stats.py /tmp/bench_vs_plain_XXXX/federate_0 --dataset pbc --seed 1 \\
         --images 160 320 640 1280 --draws 5 --out docs --name parity_pbc_bn_draws
 """
 
@@ -22,6 +22,7 @@ import argparse
 import csv
 import json
 import os
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,17 @@ def setup(a: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor, tuple, 
     return net, xtr, val, test
 
 
+def recompute(net: torch.nn.Module, xtr: torch.Tensor, images: int, gen: torch.Generator, bs: int) -> None:
+    """What the clients do (``measure``), here on ``images`` random images of the pooled training split."""
+    sub = torch.randperm(len(xtr), generator=gen)[:images]
+    measure(net, (xtr[sub[i:i + bs]] for i in range(0, len(sub), bs)))
+
+
+def scores(net: torch.nn.Module, val: tuple, test: tuple, bs: int) -> tuple[float, float, float]:
+    """Validation loss and accuracy, test accuracy."""
+    return (*evaluate(net, *val, bs), evaluate(net, *test, bs)[1])
+
+
 def curves(run: Path, a: argparse.Namespace) -> list[dict[str, Any]]:
     net, xtr, val, test = setup(a)
     gen = torch.Generator().manual_seed(a.seed)
@@ -57,12 +69,10 @@ def curves(run: Path, a: argparse.Namespace) -> list[dict[str, Any]]:
     for path in sorted((run / "checkpoints").glob("round_*.pt")):
         net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["weights"])
         row: dict[str, Any] = {"round": int(path.stem.split("_")[1])}
-        row["val_loss"], row["val_acc"] = evaluate(net, *val, a.batch_size)
-        row["test_acc"] = evaluate(net, *test, a.batch_size)[1]
-        sub = torch.randperm(len(xtr), generator=gen)[: a.images]
-        measure(net, (xtr[sub[i:i + a.batch_size]] for i in range(0, len(sub), a.batch_size)))
-        row["val_loss_recomputed"], row["val_acc_recomputed"] = evaluate(net, *val, a.batch_size)
-        row["test_acc_recomputed"] = evaluate(net, *test, a.batch_size)[1]
+        row["val_loss"], row["val_acc"], row["test_acc"] = scores(net, val, test, a.batch_size)
+        recompute(net, xtr, a.images, gen, a.batch_size)
+        row["val_loss_recomputed"], row["val_acc_recomputed"], row["test_acc_recomputed"] = \
+            scores(net, val, test, a.batch_size)
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
@@ -71,20 +81,21 @@ def curves(run: Path, a: argparse.Namespace) -> list[dict[str, Any]]:
 def draws(run: Path, a: argparse.Namespace) -> list[dict[str, Any]]:
     """The last round's weights with statistics recomputed ``--draws`` times on each ``--images`` count: how much
     the evaluated model depends on which training images the statistics come from (``fl.bn_batches``)."""
-    net, xtr, val, test = setup(a)
     ckpts = {int(p.stem.split("_")[1]): p for p in (run / "checkpoints").glob("round_*.pt")}
-    last = ckpts[a.round or max(ckpts)]
-    weights = torch.load(last, map_location="cpu", weights_only=True)["weights"]
+    if not ckpts or (a.round and a.round not in ckpts):
+        raise SystemExit(f"{run / 'checkpoints'} has no checkpoint of round {a.round or 'any'}; "
+                         f"rounds there: {sorted(ckpts) or 'none'}")
+    rnd = a.round or max(ckpts)
+    net, xtr, val, test = setup(a)  # after the checks: decoding the data set takes a while
+    weights = torch.load(ckpts[rnd], map_location="cpu", weights_only=True)["weights"]
     gen = torch.Generator().manual_seed(a.seed)
     rows = []
     for images in a.images:
         for d in range(a.draws):
             net.load_state_dict(weights)
-            sub = torch.randperm(len(xtr), generator=gen)[:images]
-            measure(net, (xtr[sub[i:i + a.batch_size]] for i in range(0, len(sub), a.batch_size)))
-            row: dict[str, Any] = {"round": int(last.stem.split("_")[1]), "images": images, "draw": d}
-            row["val_loss"], row["val_acc"] = evaluate(net, *val, a.batch_size)
-            row["test_acc"] = evaluate(net, *test, a.batch_size)[1]
+            recompute(net, xtr, images, gen, a.batch_size)
+            row: dict[str, Any] = {"round": rnd, "images": images, "draw": d}
+            row["val_loss"], row["val_acc"], row["test_acc"] = scores(net, val, test, a.batch_size)
             print(json.dumps(row), flush=True)
             rows.append(row)
     return rows
@@ -93,12 +104,12 @@ def draws(run: Path, a: argparse.Namespace) -> list[dict[str, Any]]:
 def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for images in sorted({r["images"] for r in rows}):
-        acc = torch.tensor([r["test_acc"] for r in rows if r["images"] == images], dtype=torch.float64)
-        val = torch.tensor([r["val_acc"] for r in rows if r["images"] == images], dtype=torch.float64)
-        out.append({"images": images, "draws": len(acc), "test_acc_mean": acc.mean().item(),
-                    "test_acc_sd": acc.std().item() if len(acc) > 1 else 0.0,
-                    "test_acc_min": acc.min().item(), "test_acc_max": acc.max().item(),
-                    "val_acc_mean": val.mean().item(), "val_acc_sd": val.std().item() if len(val) > 1 else 0.0})
+        acc = [r["test_acc"] for r in rows if r["images"] == images]
+        val = [r["val_acc"] for r in rows if r["images"] == images]
+        out.append({"images": images, "draws": len(acc), "test_acc_mean": statistics.mean(acc),
+                    "test_acc_sd": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+                    "test_acc_min": min(acc), "test_acc_max": max(acc),
+                    "val_acc_mean": statistics.mean(val), "val_acc_sd": statistics.stdev(val) if len(val) > 1 else 0.0})
     return out
 
 
