@@ -47,6 +47,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from torch import nn
+from torch.optim.swa_utils import update_bn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -137,7 +138,10 @@ def plain_fed(cfg: Any, a: argparse.Namespace) -> dict[str, Any]:
     """The yardstick of ``federate.py``: FedAvg written plainly on the same arrays. ``--clients`` IID shards of the
     training images (a seeded permutation cut into equal parts), every round each client loads the global
     weights, trains one epoch with a fresh Adam (lr 1e-3, batch 32, drop_last), and the server averages all
-    weights and buffers by shard size; the last round's model is tested, as ``federate.py`` does."""
+    weights and buffers by shard size; the last round's model is tested, as ``federate.py`` does. With
+    ``--plain-fed-bn recompute`` (the default, as ``fl.bn_stats``) the averaged model's BatchNorm statistics are then
+    recomputed by ``torch.optim.swa_utils.update_bn`` over ``--plain-fed-bn-batches`` random batches of every shard;
+    ``average`` keeps the averaged buffers (what this yardstick did before session 14)."""
     net, (xtr, ytr), (xva, yva), (xte, yte) = yardstick_data(cfg, a)
     gen = torch.Generator().manual_seed(a.seed)
     shards = torch.randperm(len(xtr), generator=gen).tensor_split(a.clients)
@@ -162,6 +166,10 @@ def plain_fed(cfg: Any, a: argparse.Namespace) -> dict[str, Any]:
         global_state = {k: (sum(s[k].double() * (m / total) for s, m in zip(states, sizes))).to(v.dtype)
                         for k, v in states[0].items()}
         net.load_state_dict(global_state)
+        if a.plain_fed_bn == "recompute":
+            picks = [shard[torch.randperm(len(shard), generator=gen)[:a.plain_fed_bn_batches * bs]] for shard in shards]
+            update_bn((xtr[b] for pick in picks for b in pick.split(bs)), net)
+            global_state = copy.deepcopy(net.state_dict())  # the next round starts from them, as in federate.py
         curve.append(evaluate(net, xva, yva, bs)[1])
     _, test_acc = evaluate(net, xte, yte, bs)
     return {"val_acc": curve, "test/acc": test_acc}
@@ -265,6 +273,9 @@ def main() -> None:
                    help="plain_fed: a plain FedAvg loop, the yardstick of federate.py")
     p.add_argument("--train-args", nargs="*", default=[], help="overrides for train.py only")
     p.add_argument("--fed-args", nargs="*", default=[], help="overrides for federate.py only")
+    p.add_argument("--plain-fed-bn", choices=["recompute", "average"], default="recompute",
+                   help="plain_fed's BatchNorm statistics after averaging, as federate.py's fl.bn_stats")
+    p.add_argument("--plain-fed-bn-batches", type=int, default=2, help="as fl.bn_batches")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads for every variant (1: on a shared 2-core machine 2 threads spin "
                         "and run resnet18 ~10x slower)")
